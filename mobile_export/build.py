@@ -1,0 +1,314 @@
+"""The build pipeline: load → reference → prepare + quantize → export + lower → verify → bundle.
+
+The same fixed sequence for every backend; a backend fills in only export and open. Memory is
+kept low for multi-billion-parameter models: the original is loaded in bf16 when an fp32 copy
+would not fit, its reference logits are computed first, then it is converted one decoder
+layer at a time (cast, quantize, free) into the export wrapper that reuses its modules.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+
+from mobile_export import __version__
+from mobile_export.bundle import (
+    Manifest,
+    ModelInfo,
+    TensorSpec,
+    TokenizerInfo,
+    bundle_name,
+    check_destination,
+    staged_bundle,
+    write_manifest,
+    write_zip,
+)
+from mobile_export.console import StepUI
+from mobile_export.errors import UserError
+from mobile_export.quantize import QuantReport, QuantSpec, quantize_embedding, quantize_module, untie_lm_head
+from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
+from mobile_export.sources import SourceOptions, load_source
+from mobile_export.targets import get_backend
+from mobile_export.verify import (
+    BF16_REFERENCE_THRESHOLDS,
+    FP32_THRESHOLDS,
+    LOWERING_THRESHOLDS,
+    QUANT_COST_THRESHOLDS,
+    Comparison,
+    compare,
+    enforce,
+    reference_logits,
+    stepped_logits,
+    token_sequences,
+)
+
+VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "tokenizers")
+
+
+@dataclass
+class BuildRequest:
+    """Everything ``mobile-export build`` was asked to do."""
+
+    recipe: str | None
+    target: str
+    model_path: Path | None = None
+    backend: str | None = None
+    quant: str | None = None
+    group_size: int | None = None
+    embedding_quant: str | None = None
+    context_length: int | None = None
+    output_dir: Path = Path("dist")
+    force: bool = False
+    random_weights: bool = False
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    keep_unverified: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class BuildResult:
+    """What a build wrote and measured."""
+
+    bundle: Path
+    zip_path: Path
+    manifest: Manifest
+    comparisons: list[Comparison] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the artifact."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def resolve_recipe(request: BuildRequest) -> Recipe:
+    """The recipe named, or one made from a local folder's config.json with target defaults."""
+    if request.recipe:
+        return load_recipe(request.recipe)
+    if request.model_path is None:
+        raise UserError("nothing to build", hint="name a recipe, or pass --model-path DIR")
+    import json
+
+    config_path = request.model_path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{request.model_path} has no config.json", hint="pass a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{config_path} is not valid JSON", hint="fix or re-download config.json") from exc
+    name = request.model_path.resolve().name.lower().replace(" ", "-") or "model"
+    return recipe_from_model_config(config, name, request.context_length or 2048, request.target)
+
+
+def quant_spec(recipe: Recipe, request: BuildRequest) -> QuantSpec:
+    """The recipe's quantization for the target, with command-line overrides applied."""
+    settings = recipe.target(request.target).quant
+    scheme = request.quant or settings.scheme
+    embedding = request.embedding_quant or settings.embedding
+    group_size = request.group_size or settings.group_size
+    return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding)
+
+
+def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui: StepUI):
+    """Wrap the original model for export and quantize it one decoder layer at a time."""
+    from mobile_export.modeling import ExportableDecoder
+
+    decoder = ExportableDecoder(source_model, max_seq_len).eval()
+    report = QuantReport()
+    if spec.is_quantized:
+        untie_lm_head(decoder.lm_head, decoder.embed_tokens)
+    total = len(decoder.layers)
+    for index, layer in enumerate(decoder.layers):
+        ui.update(f"layer {index + 1}/{total}")
+        quantize_module(layer, spec, report, prefix=f"layers.{index}.")
+    quantize_module(decoder.lm_head, spec, report, prefix="lm_head")
+    quantize_embedding(decoder.embed_tokens, spec, report)
+    decoder.prepare_for_export()
+    gc.collect()
+    return decoder, report
+
+
+def _tensor_specs(decoder, vocab_size: int) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    inputs = [
+        TensorSpec(name="tokens", dtype="int64", shape=[1, "seq_len"]),
+        TensorSpec(name="input_pos", dtype="int64", shape=[1]),
+    ]
+    outputs = [TensorSpec(name="logits", dtype="float32", shape=[1, vocab_size])]
+    states = []
+    for index, layer in enumerate(decoder.layers):
+        for kind in ("k_cache", "v_cache"):
+            buf = getattr(layer.self_attn, kind)
+            states.append(TensorSpec(name=f"layers.{index}.{kind}", dtype="float32", shape=list(buf.shape)))
+    return inputs, outputs, states
+
+
+def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | None, list[int], int | None]:
+    """BOS, every EOS and PAD id for the runner metadata and manifest.
+
+    With the model's own tokenizer the recipe's stop tokens (config + generation config) are
+    used as well; with the demo tokenizer substituted for a random-weight build only its own.
+    """
+    eos = list(recipe.eos_ids()) if own_tokenizer else []
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in eos:
+        eos.append(tok_eos)
+    return getattr(tokenizer, "bos_token_id", None), eos, getattr(tokenizer, "pad_token_id", None)
+
+
+def build(request: BuildRequest, ui: StepUI) -> BuildResult:
+    """Run the whole pipeline and return where the bundle went."""
+    started = time.perf_counter()
+    recipe = resolve_recipe(request)
+    settings = recipe.target(request.target)
+    backend_name = request.backend or settings.backend
+    backend = get_backend(backend_name)
+    spec = quant_spec(recipe, request)
+    backend.check(request.target, spec.scheme)
+    max_seq_len = request.context_length or recipe.context_length
+    if max_seq_len < 32:
+        raise UserError(f"context length {max_seq_len} is too small", hint="use at least 32 tokens")
+    name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
+    final_dir = request.output_dir / name
+    check_destination(final_dir, request.force)
+    options = SourceOptions(
+        model_path=request.model_path,
+        random_weights=request.random_weights,
+        seed=request.seed,
+        allow_pickle=request.allow_pickle,
+        trust_remote_code=request.trust_remote_code,
+        revision=request.revision,
+    )
+
+    with ui.step(f"Load {recipe.name}"):
+        source = load_source(recipe, options)
+    for note in source.notes:
+        ui.note(note)
+    tokenizer = source.tokenizer
+    vocab_size = int(source.model.config.vocab_size)
+    sequences = token_sequences(lambda text: tokenizer(text)["input_ids"], max_seq_len)
+    sequences = [[min(t, vocab_size - 1) for t in seq] for seq in sequences]
+
+    with ui.step("Reference logits from the original model"):
+        reference = reference_logits(source.model, sequences)
+
+    with ui.step(f"Prepare and quantize ({spec.label})"):
+        decoder, report = convert(source.model, spec, max_seq_len, ui)
+        lowering_ref = None
+        if spec.is_quantized:
+            ui.update("eager run of the quantized model")
+            with torch.no_grad():
+                lowering_ref = stepped_logits(lambda toks, pos: decoder(torch.tensor([toks]), torch.tensor([pos])), sequences)
+            decoder.reset_cache()
+    if report.skipped_linears:
+        ui.note(f"{len(report.skipped_linears)} linear layers kept in fp32: {report.skipped_linears[0]} ...")
+    del source.model
+    gc.collect()
+
+    bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer)
+    from mobile_export.targets.xnnpack import runner_metadata
+
+    metadata = runner_metadata(
+        max_seq_len=max_seq_len, vocab_size=vocab_size, n_layers=len(decoder.layers), bos_id=bos, eos_ids=eos
+    )
+    inputs, outputs, states = _tensor_specs(decoder, vocab_size)
+    parameters = source.parameters
+    random = source.weights == "random"
+
+    with staged_bundle(final_dir, request.force) as stage:
+        with ui.step(f"Export and lower ({backend.name})"):
+            artifact = backend.export(decoder, metadata, stage, ui)
+        del decoder
+        gc.collect()
+
+        with ui.step("Verify artifact against the original model"):
+            runtime = backend.open(stage / artifact["file"])
+            got = stepped_logits(runtime.step, sequences)
+            comparisons = []
+            if spec.is_quantized:
+                comparisons.append(compare("lowering parity (vs eager quantized)", got, lowering_ref, LOWERING_THRESHOLDS))
+                comparisons.append(
+                    compare("quantization cost (vs original)", got, reference, QUANT_COST_THRESHOLDS, enforced=not random)
+                )
+            else:
+                thresholds = FP32_THRESHOLDS if source.dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
+                comparisons.append(compare("parity (vs original)", got, reference, thresholds))
+            del runtime
+        for comparison in comparisons:
+            status = "ok" if comparison.passed else ("FAILED" if comparison.enforced else "recorded, not enforced")
+            ui.note(f"{comparison.summary()} [{status}]")
+        enforce(comparisons, request.keep_unverified)
+
+        with ui.step("Write bundle"):
+            tokenizer.save_pretrained(str(stage))
+            tokenizer_files = sorted(p.name for p in stage.iterdir() if p.name != artifact["file"])
+            pte_bytes = (stage / artifact["file"]).stat().st_size
+            manifest = Manifest(
+                created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                tool={"name": "mobile-export", "version": __version__},
+                versions=package_versions(),
+                model=ModelInfo(
+                    name=recipe.name,
+                    hf_id=source.hf_id or recipe.hf_id,
+                    revision=source.revision,
+                    architecture=recipe.architecture,
+                    license=recipe.license,
+                    parameters=parameters,
+                    weights=source.weights,
+                ),
+                recipe={"name": recipe.name, "sha256": recipe_hash(recipe)},
+                target=request.target,
+                backend=backend.name,
+                artifact=artifact,
+                quantization={
+                    "scheme": spec.scheme,
+                    "group_size": spec.group_size if spec.scheme == "8da4w" else None,
+                    "embedding": spec.embedding,
+                    "quantized_linears": report.quantized_linears,
+                    "fp32_linears": report.skipped_linears or [],
+                    "bits_per_weight": round(pte_bytes * 8 / parameters, 3),
+                },
+                context_length=max_seq_len,
+                inputs=inputs,
+                outputs=outputs,
+                states=states,
+                tokenizer=TokenizerInfo(
+                    files=tokenizer_files,
+                    bos_id=bos,
+                    eos_ids=eos,
+                    pad_id=pad,
+                    add_bos=bos is not None,
+                    chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                ),
+                verification={
+                    "protocol": "fixed prompts: one prefill call, then teacher-forced single-token decode steps",
+                    "sequences": len(sequences),
+                    "weights_meaningful": not random,
+                    "reference_dtype": str(source.dtype).removeprefix("torch."),
+                    "comparisons": [c.__dict__ for c in comparisons],
+                },
+                build={"seconds": {k: round(v, 2) for k, v in ui.timings.items()}, "seed": request.seed if random else None},
+            )
+            write_manifest(stage, manifest)
+            zip_path = write_zip(stage, request.output_dir / f"{name}.zip")
+    return BuildResult(
+        bundle=final_dir,
+        zip_path=zip_path,
+        manifest=manifest,
+        comparisons=comparisons,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,112 @@
+"""Command line: parse, call, print. The work happens in the modules these commands call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mobile_export import __version__
+from mobile_export.errors import UserError
+
+
+class _Cli(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc.one_line()}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli)
+@click.version_option(__version__, prog_name="mobile-export")
+def main() -> None:
+    """Export small language models to verified mobile bundles and run them."""
+
+
+@main.command()
+@click.argument("recipe", required=False)
+@click.option("--target", "-t", required=True, help="Platform: android or ios.")
+@click.option("--backend", help="Backend (default from the recipe), e.g. xnnpack.")
+@click.option("--quant", help="Weight quantization: fp32, 8da4w, 8da8w, int8 (default from the recipe).")
+@click.option("--group-size", type=int, help="Group size for 8da4w and int4 embeddings: 32, 64 or 128.")
+@click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
+@click.option("--context-length", type=int, help="Tokens the KV cache holds (default from the recipe).")
+@click.option("--model-path", type=click.Path(path_type=Path), help="Local Hugging Face model folder.")
+@click.option("--random-weights", is_flag=True, help="Random weights of the recipe's architecture (tests, benchmarks).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--revision", help="Hub revision instead of the recipe's pinned one.")
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) checkpoints. Only for files you trust.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder. Only if you trust it.")
+@click.option("--keep-unverified", is_flag=True, help="Write the bundle even if verification fails.")
+@click.option("--quiet", "-q", is_flag=True, help="Only print the summary.")
+def build(recipe: str | None, target: str, quiet: bool, **options) -> None:
+    """Build a verified bundle from RECIPE (or --model-path) for --target."""
+    from mobile_export.build import BuildRequest, build as run_build
+    from mobile_export.console import StepUI
+    from mobile_export.report import print_build_summary
+
+    request = BuildRequest(recipe=recipe, target=target, **options)
+    result = run_build(request, StepUI(quiet=quiet))
+    print_build_summary(result)
+
+
+@main.group(cls=_Cli, invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the built-in recipes."""
+    if ctx.invoked_subcommand is None:
+        from mobile_export.recipes import all_recipes
+        from mobile_export.report import print_recipe_table
+
+        print_recipe_table(all_recipes())
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print one recipe (NAME or a path to a recipe YAML)."""
+    from mobile_export.recipes import load_recipe
+    from mobile_export.report import print_recipe
+
+    print_recipe(load_recipe(name))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def inspect(bundle: Path) -> None:
+    """Print a bundle's manifest summary and re-check every file's checksum."""
+    from mobile_export.bundle import read_manifest, verify_checksums
+    from mobile_export.report import print_manifest
+
+    manifest = read_manifest(bundle)
+    problems = verify_checksums(bundle, manifest)
+    print_manifest(bundle, manifest, problems)
+    if problems:
+        raise UserError(f"bundle {bundle} failed its checksum check: {problems[0]}", hint="rebuild or re-copy the bundle")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
+def run(bundle: Path, prompt: str, max_new_tokens: int) -> None:
+    """Generate text from PROMPT with BUNDLE's artifact on this machine, streaming it."""
+    from mobile_export.run import run_bundle
+
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    run_bundle(bundle, prompt, max_new_tokens, out=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

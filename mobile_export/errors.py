@@ -1,0 +1,24 @@
+"""User-facing errors: one line that names the input and says what to do."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with what the user asked for or gave us; printed as one line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and its hint as a single line."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class VerificationError(UserError):
+    """The artifact does not match the original model within tolerance."""
+
+    exit_code = 3

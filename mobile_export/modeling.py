@@ -1,0 +1,390 @@
+"""Export-ready decoder: a transformers causal LM with a static KV cache.
+
+The wrapper keeps the model's own decoder layers (norms, MLP, residual wiring come from
+transformers, so they match the original exactly) and swaps each layer's attention for
+:class:`CachedAttention`, which owns a static KV cache and calls ExecuTorch's LLM custom
+ops (``llama.update_cache`` and ``llama.custom_sdpa``) that XNNPACK builds run fast.
+
+One method serves prefill and decode: ``forward(tokens[1, T], input_pos[1]) -> logits``,
+with a dynamic ``T``, the calling convention of ExecuTorch's LLM runner.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mobile_export.errors import UserError
+
+# Decoder families whose transformers modules this wrapper is tested against. Adding one
+# means adding it to the parity tests first.
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+)
+
+
+def load_custom_ops() -> None:
+    """Register ExecuTorch's LLM custom ops (custom SDPA, KV-cache update) with torch."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+def check_supported(config) -> None:
+    """Refuse architectures this wrapper has not been verified on, naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"unsupported architecture '{model_type}'",
+            hint="supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES),
+        )
+
+
+@dataclass
+class StepContext:
+    """Per-call state shared by all attention layers (the start position of this step)."""
+
+    start_pos: object = 0
+
+
+def rotate_half_matrix(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Constant [D, D] weight W with ``F.linear(x, W) == rotate_half(x)`` on the first ``rotary_dim`` dims.
+
+    A linear layer instead of slicing keeps rope inside one XNNPACK partition (XNNPACK cannot
+    slice, or reshape with symbols, tensors of dynamic length); with one +-1 per row it is exact.
+    """
+    half = rotary_dim // 2
+    rot = torch.zeros(head_dim, head_dim)
+    idx = torch.arange(half)
+    rot[idx + half, idx] = -1.0
+    rot[idx, idx + half] = 1.0
+    return rot.t().contiguous()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in transformers' half-split convention.
+
+    ``x`` is [B, T, H, D]; ``cos``/``sin`` are [T, 1, D], padded with 1/0 beyond the rotary dims
+    so partial-rotary models need no slicing.
+    """
+    return x * cos + nn.functional.linear(x, rot) * sin
+
+
+class ExportRMSNorm(nn.Module):
+    """RMSNorm written so XNNPACK takes it whole: the mean runs over a 4-D view's inner dims.
+
+    Works on [..., D] inputs of any rank (hidden states [1, T, D], per-head q/k [1, T, H, D]).
+    ``weight`` already holds the effective scale (Gemma's ``1 + w`` is folded in).
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        dim = shape[-1]
+        flat = x.float().view(1, -1, 1, dim)
+        var = flat.pow(2).mean(dim=(2, 3), keepdim=True)
+        out = (flat * torch.rsqrt(var + self.eps)) * self.weight
+        if len(shape) == 4:
+            return out.view(1, -1, shape[2], dim)
+        if len(shape) == 3:
+            return out.view(1, -1, dim)
+        return out.view(-1, dim)
+
+
+def _as_export_norm(module: nn.Module) -> ExportRMSNorm | None:
+    """An equivalent :class:`ExportRMSNorm` for a transformers RMSNorm, found by probing.
+
+    Models differ in how the weight enters (``w * x`` or ``(1 + w) * x``) and in the name of
+    eps; instead of a table per model the candidate forms are checked against the module's
+    own output. Returns None when no form matches (the module is then kept as it is).
+    """
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if weight is None or eps is None or weight.dim() != 1 or weight.is_meta:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, 3, weight.shape[0], generator=gen)
+    with torch.no_grad():
+        expected = module.float()(probe)
+        for effective in (weight.float(), 1.0 + weight.float()):
+            candidate = ExportRMSNorm(effective, float(eps))
+            if torch.allclose(candidate(probe).view_as(expected), expected, atol=1e-5, rtol=1e-5):
+                return candidate
+    return None
+
+
+def _replace_norms(root: nn.Module) -> int:
+    """Swap every RMSNorm under ``root`` for :class:`ExportRMSNorm`; returns how many."""
+    replaced = 0
+    for name, child in list(root.named_children()):
+        if type(child).__name__.endswith("RMSNorm"):
+            new = _as_export_norm(child)
+            if new is not None:
+                setattr(root, name, new)
+                replaced += 1
+                continue
+        replaced += _replace_norms(child)
+    return replaced
+
+
+def _split_linear(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    """Split a fused projection into separate linears by output rows (exact)."""
+    parts = []
+    offset = 0
+    for size in sizes:
+        part = nn.Linear(linear.in_features, size, bias=linear.bias is not None, device="meta")
+        part.weight = nn.Parameter(linear.weight.detach()[offset : offset + size], requires_grad=False)
+        if linear.bias is not None:
+            part.bias = nn.Parameter(linear.bias.detach()[offset : offset + size], requires_grad=False)
+        parts.append(part)
+        offset += size
+    return parts
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with separate gate/up projections (splits fused gate_up)."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate, up, down, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _split_fused_mlp(mlp: nn.Module) -> nn.Module:
+    fused = getattr(mlp, "gate_up_proj", None)
+    if not isinstance(fused, nn.Linear):
+        return mlp
+    act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn")
+    half = fused.out_features // 2
+    gate, up = _split_linear(fused, [half, half])
+    return GatedMLP(gate, up, mlp.down_proj, act)
+
+
+class CachedAttention(nn.Module):
+    """Attention over a static KV cache laid out [1, max_seq_len, n_kv_heads, head_dim]."""
+
+    def __init__(self, hf_attn: nn.Module, config, max_seq_len: int, ctx: StepContext):
+        super().__init__()
+        self.ctx = ctx
+        self.head_dim = int(hf_attn.head_dim)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        if hasattr(hf_attn, "qkv_proj"):
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            self.q_proj, self.k_proj, self.v_proj = _split_linear(hf_attn.qkv_proj, [q_size, kv_size, kv_size])
+        else:
+            self.q_proj, self.k_proj, self.v_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj
+        self.o_proj = hf_attn.o_proj
+        self.q_norm = getattr(hf_attn, "q_norm", None)
+        self.k_norm = getattr(hf_attn, "k_norm", None)
+        self.scaling = float(hf_attn.scaling)
+        self.max_seq_len = max_seq_len
+        window = getattr(hf_attn, "sliding_window", None)
+        # A window at least as long as the cache never masks anything: plain causal attention.
+        self.sliding_window = int(window) if window and window < max_seq_len else None
+        self.softcap = getattr(hf_attn, "attn_logit_softcapping", None)
+        shape = (1, max_seq_len, self.n_kv_heads, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Views use -1 for the dynamic length: XNNPACK reshapes take one inferred dim, no symbols.
+        q = self.q_proj(x).view(1, -1, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(1, -1, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(1, -1, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, k, v
+
+    def _window_mask(self, start_pos, seq: int) -> torch.Tensor:
+        """Additive [T, max_seq_len] mask: causal, and at most ``sliding_window`` keys back."""
+        q_pos = torch.arange(seq, dtype=torch.long) + start_pos
+        k_pos = torch.arange(self.max_seq_len, dtype=torch.long)
+        delta = q_pos[:, None] - k_pos[None, :]
+        allowed = (delta >= 0) & (delta < self.sliding_window)
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=torch.float32))
+
+    def _softcapped_attention(self, q: torch.Tensor, start_pos, seq: int) -> torch.Tensor:
+        """Plain attention math, for models that soft-cap attention logits (custom SDPA cannot)."""
+        n_keys = start_pos + seq
+        k = self.k_cache.narrow(1, 0, n_keys).transpose(1, 2)
+        v = self.v_cache.narrow(1, 0, n_keys).transpose(1, 2)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3)) * self.scaling
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        q_pos = torch.arange(seq, dtype=torch.long) + start_pos
+        k_pos = torch.arange(n_keys, dtype=torch.long)
+        delta = q_pos[:, None] - k_pos[None, :]
+        allowed = delta >= 0
+        if self.sliding_window is not None:
+            allowed = allowed & (delta < self.sliding_window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **_) -> tuple:
+        seq = hidden_states.shape[1]
+        q, k, v = self._project(hidden_states)
+        cos, sin, rot = position_embeddings
+        q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
+        start_pos = self.ctx.start_pos
+        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+        if self.softcap is not None:
+            out = self._softcapped_attention(q, start_pos, seq)
+        elif self.sliding_window is not None:
+            mask = self._window_mask(start_pos, seq)
+            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, mask, 0.0, False, self.scaling)
+        else:
+            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0.0, True, self.scaling)
+        out = out.reshape(1, -1, self.n_heads * self.head_dim)
+        return self.o_proj(out), None
+
+
+def _rope_tables(
+    rotary_cls: type, config, max_seq_len: int, head_dim: int
+) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    """cos/sin tables [max_seq_len, 1, head_dim] per layer type, from transformers' own rotary module.
+
+    A fresh fp32 rotary module is built from the config, so every rope variant transformers
+    knows (llama3, linear, yarn, longrope, per-layer-type Gemma 3 ropes) comes out exactly as the
+    original model computes it. Dims past the rotary width get cos 1 and sin 0.
+    """
+    with torch.device("cpu"):
+        rotary = rotary_cls(config).float()
+    positions = torch.arange(max_seq_len, dtype=torch.long)[None, :]
+    probe = torch.zeros(1, dtype=torch.float32)
+    layer_types = getattr(config, "layer_types", None)
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+
+    def padded(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos[0].float(), sin[0].float()
+        extra = head_dim - cos.shape[-1]
+        if extra:
+            cos = torch.cat([cos, torch.ones(max_seq_len, extra)], dim=-1)
+            sin = torch.cat([sin, torch.zeros(max_seq_len, extra)], dim=-1)
+        return cos[:, None, :].contiguous(), sin[:, None, :].contiguous()
+
+    tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        if takes_layer_type and layer_types:
+            for layer_type in sorted(set(layer_types)):
+                tables[layer_type] = padded(*rotary(probe, positions, layer_type))
+        else:
+            tables[None] = padded(*rotary(probe, positions))
+    return tables
+
+
+def _rotary_dim(table: torch.Tensor) -> int:
+    """Width of the rotated part of a padded sin table (trailing all-zero columns are not rotated)."""
+    nonzero = table.reshape(-1, table.shape[-1]).abs().amax(dim=0) > 0
+    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else table.shape[-1]
+
+
+class ExportableDecoder(nn.Module):
+    """A transformers causal LM rewired for export: static KV cache, last-token logits.
+
+    ``forward(tokens: int64[1, T], input_pos: int64[1]) -> float32[1, vocab]`` writes the T
+    tokens' keys/values at ``input_pos[0]`` and returns the logits of the last token.
+    """
+
+    def __init__(self, hf_model: nn.Module, max_seq_len: int):
+        super().__init__()
+        config = hf_model.config
+        check_supported(config)
+        load_custom_ops()
+        self.config = config
+        self.max_seq_len = max_seq_len
+        base = hf_model.model
+        self.embed_tokens = base.embed_tokens
+        # padding_idx only affects training gradients; without it the quantized-embedding
+        # pattern ExecuTorch fuses into its embedding kernels matches.
+        self.embed_tokens.padding_idx = None
+        self.layers = base.layers
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.ctx = StepContext()
+        layer_types = getattr(config, "layer_types", None)
+        head_dim = int(self.layers[0].self_attn.head_dim)
+        tables = _rope_tables(type(base.rotary_emb), config, max_seq_len, head_dim)
+        rotary_dims = {_rotary_dim(sin[1:]) for _, sin in tables.values()}
+        rotary_dim = max(rotary_dims)
+        self.register_buffer("rope_rot", rotate_half_matrix(head_dim, rotary_dim), persistent=False)
+        self._rope_keys: list[str] = []
+        key_for_type: dict[str | None, str] = {}
+        for index, (layer_type, (cos, sin)) in enumerate(tables.items()):
+            key = f"rope{index}"
+            self.register_buffer(f"{key}_cos", cos, persistent=False)
+            self.register_buffer(f"{key}_sin", sin, persistent=False)
+            key_for_type[layer_type] = key
+        for i, layer in enumerate(self.layers):
+            layer_type = layer_types[i] if (layer_types and None not in key_for_type) else None
+            self._rope_keys.append(key_for_type[layer_type])
+            layer.self_attn = CachedAttention(layer.self_attn, config, max_seq_len, self.ctx)
+            layer.mlp = _split_fused_mlp(layer.mlp)
+
+    def prepare_for_export(self) -> None:
+        """Swap RMSNorms for XNNPACK-friendly equivalents (after weights are in place)."""
+        _replace_norms(self)
+
+    def reset_cache(self) -> None:
+        """Zero every layer's KV cache (eager use between independent sequences)."""
+        for layer in self.layers:
+            layer.self_attn.k_cache.zero_()
+            layer.self_attn.v_cache.zero_()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        start_pos = input_pos[0].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos < self.max_seq_len)
+        torch._check(start_pos + seq <= self.max_seq_len)
+        self.ctx.start_pos = start_pos
+        hidden = self.embed_tokens(tokens)
+        rope = {}
+        for key in sorted(set(self._rope_keys)):
+            cos = getattr(self, f"{key}_cos").narrow(0, start_pos, seq)
+            sin = getattr(self, f"{key}_sin").narrow(0, start_pos, seq)
+            rope[key] = (cos, sin, self.rope_rot)
+        for layer, key in zip(self.layers, self._rope_keys):
+            out = layer(hidden, position_embeddings=rope[key], attention_mask=None, position_ids=None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.norm(hidden[:, -1, :])
+        logits = self.lm_head(hidden)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+
+def example_inputs(max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs used to trace: a short prompt at position 0 (length > 1 keeps T dynamic)."""
+    seq = min(max(2, math.ceil(max_seq_len / 8)), max_seq_len - 1, 16)
+    return torch.zeros((1, seq), dtype=torch.long), torch.tensor([0], dtype=torch.long)
+
+
+def dynamic_shapes(max_seq_len: int) -> tuple:
+    """Dynamic token dimension for export: 1..max_seq_len tokens per call."""
+    seq = torch.export.Dim("seq_len", min=1, max=max_seq_len)
+    return ({1: seq}, None)

@@ -1,0 +1,171 @@
+"""Quantization schemes by name, applied with torchao so XNNPACK lowering recognises them.
+
+Schemes (``--quant``):
+
+- ``fp32``: no weight quantization.
+- ``8da4w``: int8 dynamic per-token activations, int4 symmetric weights in groups of
+  ``group_size`` (32/64/128) along the input dimension. XNNPACK runs this as qd8-qb4w.
+- ``8da8w``: int8 dynamic activations, int8 per-channel weights (XNNPACK qd8-qc8w).
+- ``int8``: int8 per-channel weight-only; activations stay fp32.
+
+Embeddings (``--embedding-quant``): ``none``, ``int8`` (per row) or ``int4`` (per group of
+``group_size``), weight-only; at run time they use ExecuTorch's quantized embedding kernels.
+Linear layers whose input width is not a multiple of the group size stay in fp32 and are
+reported, never silently quantized differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mobile_export.errors import UserError
+
+LinearScheme = Literal["fp32", "8da4w", "8da8w", "int8"]
+EmbeddingScheme = Literal["none", "int8", "int4"]
+LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "8da4w", "8da8w", "int8")
+EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+# Bits stored per weight, including the fp32 scale each group or row carries.
+_WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "int8": 8}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how; validated on construction."""
+
+    scheme: str = "8da4w"
+    group_size: int = 32
+    embedding: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in LINEAR_SCHEMES:
+            raise UserError(
+                f"unknown quantization scheme '{self.scheme}'",
+                hint="choose one of: " + ", ".join(LINEAR_SCHEMES),
+            )
+        if self.embedding not in EMBEDDING_SCHEMES:
+            raise UserError(
+                f"unknown embedding quantization '{self.embedding}'",
+                hint="choose one of: " + ", ".join(EMBEDDING_SCHEMES),
+            )
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(
+                f"unsupported group size {self.group_size}",
+                hint="choose one of: " + ", ".join(map(str, GROUP_SIZES)),
+            )
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. '8da4w-g32 + emb int8'."""
+        linear = f"{self.scheme}-g{self.group_size}" if self.scheme == "8da4w" else self.scheme
+        return linear if self.embedding == "none" else f"{linear} + emb {self.embedding}"
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether any weight is stored below fp32."""
+        return self.scheme != "fp32" or self.embedding != "none"
+
+
+@dataclass
+class QuantReport:
+    """What quantization actually did, counted from the modules."""
+
+    quantized_linears: int = 0
+    skipped_linears: list[str] | None = None
+    quantized_embeddings: int = 0
+
+
+def _linear_config(spec: QuantSpec):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if spec.scheme == "8da4w":
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(spec.group_size)
+        )
+    if spec.scheme == "8da8w":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+
+
+def _embedding_config(spec: QuantSpec):
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if spec.embedding == "int8":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(spec.group_size))
+
+
+def _linear_fits(spec: QuantSpec, module: nn.Linear) -> bool:
+    return spec.scheme != "8da4w" or module.in_features % spec.group_size == 0
+
+
+def quantize_module(module: nn.Module, spec: QuantSpec, report: QuantReport, prefix: str = "") -> None:
+    """Quantize the linear layers of ``module`` in place (weights first cast to fp32).
+
+    Called one decoder layer at a time so a large model never holds two full-precision
+    copies of its weights.
+    """
+    from torchao.quantization import quantize_
+
+    module.float()
+    if spec.scheme == "fp32":
+        return
+    skipped = report.skipped_linears if report.skipped_linears is not None else []
+    report.skipped_linears = skipped
+    chosen: list[str] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            if _linear_fits(spec, child):
+                chosen.append(name)
+            else:
+                skipped.append(f"{prefix}{name} (in_features {child.in_features} not a multiple of {spec.group_size})")
+    if not chosen:
+        return
+    selected = set(chosen)
+    with torch.no_grad():
+        quantize_(module, _linear_config(spec), filter_fn=lambda m, fqn: fqn in selected)
+    report.quantized_linears += len(chosen)
+
+
+def untie_lm_head(lm_head: nn.Linear, embedding: nn.Embedding) -> None:
+    """Give the LM head its own weight so head and embedding can be quantized differently."""
+    if lm_head.weight is embedding.weight or lm_head.weight.data_ptr() == embedding.weight.data_ptr():
+        lm_head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+
+
+def quantize_embedding(embedding: nn.Embedding, spec: QuantSpec, report: QuantReport) -> None:
+    """Quantize an embedding table in place (weight-only), or just cast it to fp32."""
+    from torchao.quantization import quantize_
+
+    embedding.float()
+    if spec.embedding == "none":
+        return
+    if spec.embedding == "int4" and embedding.embedding_dim % spec.group_size != 0:
+        raise UserError(
+            f"embedding width {embedding.embedding_dim} is not a multiple of group size {spec.group_size}",
+            hint="use --embedding-quant int8 or another --group-size",
+        )
+    holder = nn.ModuleDict({"embed": embedding})
+    with torch.no_grad():
+        quantize_(holder, _embedding_config(spec), filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    report.quantized_embeddings += 1
+
+
+def weight_bits(spec: QuantSpec, kind: Literal["linear", "embedding"]) -> float:
+    """Nominal bits per weight of a quantized tensor, scales included (fp32 scale per group/row)."""
+    if kind == "embedding":
+        if spec.embedding == "none":
+            return 32.0
+        return 8.0 if spec.embedding == "int8" else 4.0 + 32.0 / spec.group_size
+    if spec.scheme == "fp32":
+        return 32.0
+    if spec.scheme == "8da4w":
+        return _WEIGHT_BITS["8da4w"] + 32.0 / spec.group_size
+    return float(_WEIGHT_BITS[spec.scheme])

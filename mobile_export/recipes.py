@@ -1,0 +1,212 @@
+"""Recipes: one YAML per model (hub id + pinned revision, architecture, per-target settings).
+
+A recipe is validated once, on load, by a strict pydantic schema; errors name the file, the
+key and what was expected. Built-in recipes live in the project's ``recipes/`` folder; a
+path to any ``.yaml`` file works too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mobile_export.errors import UserError
+
+TARGETS: tuple[str, ...] = ("android", "ios")
+# Backends a target can name, in preference order. Which of them this version can build is
+# decided by the backend registry (mobile_export.targets), not here.
+TARGET_BACKENDS: dict[str, tuple[str, ...]] = {
+    "android": ("xnnpack", "onnx"),
+    "ios": ("coreml", "coreml-executorch", "xnnpack", "onnx"),
+}
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantSettings(_Strict):
+    """Quantization a target uses by default (names are checked by the backend)."""
+
+    scheme: str
+    group_size: int = 32
+    embedding: str = "none"
+
+
+class TargetSettings(_Strict):
+    """Backend and quantization for one target platform."""
+
+    backend: str
+    quant: QuantSettings
+
+
+class Generation(_Strict):
+    """Generation settings from the model's generation_config.json."""
+
+    eos_token_ids: list[int] = Field(default_factory=list)
+
+
+class Recipe(_Strict):
+    """One model's export recipe."""
+
+    name: str
+    description: str = ""
+    source: Literal["hub", "builtin", "local"] = "hub"
+    hf_id: str | None = None
+    revision: str | None = None
+    license: str = "unknown"
+    architecture: str
+    context_length: int = Field(ge=16, le=131072)
+    gated: bool = False
+    config: dict
+    generation: Generation = Field(default_factory=Generation)
+    targets: dict[str, TargetSettings]
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]*", value):
+            raise ValueError("lower-case letters, digits, '.', '-' and '_' only")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: dict[str, TargetSettings]) -> dict[str, TargetSettings]:
+        for target, settings in value.items():
+            if target not in TARGETS:
+                raise ValueError(f"unknown target '{target}'; expected one of {', '.join(TARGETS)}")
+            if settings.backend not in TARGET_BACKENDS[target]:
+                known = ", ".join(TARGET_BACKENDS[target])
+                raise ValueError(f"backend '{settings.backend}' is not valid for {target}; expected one of {known}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        model_type = self.config.get("model_type")
+        if model_type != self.architecture:
+            raise ValueError(f"architecture '{self.architecture}' differs from config.model_type '{model_type}'")
+        if self.source == "hub":
+            if not self.hf_id:
+                raise ValueError("hub recipes need hf_id")
+            if not self.revision or not _SHA.match(self.revision):
+                raise ValueError("hub recipes need revision: a 40-character commit sha")
+        max_pos = self.config.get("max_position_embeddings")
+        if isinstance(max_pos, int) and self.context_length > max_pos:
+            raise ValueError(f"context_length {self.context_length} exceeds max_position_embeddings {max_pos}")
+        return self
+
+    def target(self, name: str) -> TargetSettings:
+        """Settings for one target, or a clear error if the recipe has none."""
+        if name not in TARGETS:
+            raise UserError(f"unknown target '{name}'", hint="choose one of: " + ", ".join(TARGETS))
+        if name not in self.targets:
+            raise UserError(f"recipe '{self.name}' has no settings for target '{name}'", hint="add them to the recipe")
+        return self.targets[name]
+
+    def eos_ids(self) -> list[int]:
+        """Every token id that ends generation (config and generation config)."""
+        ids = list(self.generation.eos_token_ids)
+        cfg = self.config.get("eos_token_id")
+        for value in cfg if isinstance(cfg, list) else [cfg]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+
+def recipes_dir() -> Path:
+    """Folder of the built-in recipes (the project's ``recipes/``, packaged with the wheel)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("mobile_export") / "recipes"))
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in recipes, sorted."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> UserError:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return UserError(f"{path}: key '{key}': {message}{extra}", hint="fix the recipe file")
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    """Parse and validate one recipe file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML", hint="fix the recipe file") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of recipe keys at the top level", hint="fix the recipe file")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(path, exc) from exc
+    if path.parent == recipes_dir() and recipe.name != path.stem:
+        raise UserError(f"{path}: key 'name': '{recipe.name}' differs from the file name '{path.stem}'")
+    return recipe
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a recipe YAML by path; unknown names suggest close ones."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise UserError(f"recipe file {candidate} does not exist")
+        return load_recipe_file(candidate)
+    path = recipes_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = builtin_names()
+        close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "run 'mobile-export recipes' to list them"
+        raise UserError(f"unknown recipe '{name_or_path}'", hint=hint)
+    return load_recipe_file(path)
+
+
+def all_recipes() -> list[Recipe]:
+    """Every built-in recipe, validated."""
+    return [load_recipe_file(recipes_dir() / f"{name}.yaml") for name in builtin_names()]
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the recipe's canonical JSON, recorded in bundle manifests."""
+    canonical = recipe.model_dump_json(exclude_none=False).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def recipe_from_model_config(config_dict: dict, name: str, context_length: int, target: str) -> Recipe:
+    """A recipe for a local model folder given without a recipe: target defaults."""
+    default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
+    targets = {
+        "android": TargetSettings(backend="xnnpack", quant=default_quant),
+        "ios": TargetSettings(backend="coreml", quant=QuantSettings(scheme="int4", group_size=32)),
+    }
+    max_pos = config_dict.get("max_position_embeddings") or context_length
+    return Recipe(
+        name=name,
+        description="local model folder",
+        source="local",
+        architecture=str(config_dict.get("model_type")),
+        context_length=min(context_length, int(max_pos)),
+        config=config_dict,
+        targets=targets,
+    )
+
+
+Target = Literal["android", "ios"]

@@ -1,0 +1,85 @@
+"""Tables and summaries for the terminal (rich), kept apart from the logic that makes them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mobile_export.bundle import Manifest
+from mobile_export.recipes import Recipe
+
+_out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+_err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
+def print_recipe_table(recipes: list[Recipe]) -> None:
+    """One row per recipe: model, size of context, per-target defaults."""
+    table = Table(title="Recipes", title_justify="left")
+    for column in ("name", "hugging face id", "arch", "context", "android", "ios"):
+        table.add_column(column)
+    for recipe in recipes:
+        cells = []
+        for target in ("android", "ios"):
+            settings = recipe.targets.get(target)
+            cells.append(f"{settings.backend} {settings.quant.scheme}" if settings else "-")
+        table.add_row(recipe.name, recipe.hf_id or "(built-in, no download)", recipe.architecture, str(recipe.context_length), *cells)
+    _out.print(table)
+
+
+def print_recipe(recipe: Recipe) -> None:
+    """The recipe as YAML."""
+    import yaml
+
+    _out.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
+
+
+def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> None:
+    """Summary of a bundle and the result of re-checking its files."""
+    model = manifest.model
+    quant = manifest.quantization
+    _out.print(f"[bold]{bundle}[/bold]  (manifest schema {manifest.schema_version})")
+    _out.print(f"  model       {model.name} ({model.architecture}, {model.parameters / 1e6:.1f}M params, {model.weights} weights)")
+    if model.hf_id:
+        _out.print(f"  source      {model.hf_id}@{model.revision}")
+    _out.print(f"  target      {manifest.target} / {manifest.backend} ({manifest.artifact.get('format')})")
+    _out.print(f"  quant       {quant.get('scheme')} (group {quant.get('group_size')}), embedding {quant.get('embedding')}, {quant.get('bits_per_weight')} bits/weight")
+    _out.print(f"  context     {manifest.context_length} tokens")
+    tok = manifest.tokenizer
+    _out.print(f"  tokenizer   {', '.join(tok.files)} (bos {tok.bos_id}, eos {tok.eos_ids})")
+    for comparison in manifest.verification.get("comparisons", []):
+        state = "ok" if comparison["passed"] else ("FAILED" if comparison["enforced"] else "not enforced")
+        _out.print(f"  verified    {comparison['name']}: cos {comparison['min_cosine']:.6f}, top-1 {comparison['top1_agreement']:.0%} [{state}]")
+    total = sum(entry.bytes for entry in manifest.files)
+    _out.print(f"  files       {len(manifest.files)} files, {_mb(total)}")
+    if problems:
+        for problem in problems:
+            _out.print(f"  [red]✗ {problem}[/red]")
+    else:
+        _out.print("  [green]✓ all checksums match[/green]")
+
+
+def print_build_summary(result) -> None:
+    """What was written, its size, bits per weight, parity figures and time."""
+    manifest = result.manifest
+    artifact = manifest.files[[f.path for f in manifest.files].index(manifest.artifact["file"])]
+    _out.print(f"[bold green]Built[/bold green] {result.bundle}  [dim]({result.seconds:.1f}s)[/dim]")
+    _out.print(f"  artifact    {artifact.path}: {_mb(artifact.bytes)}, {manifest.quantization['bits_per_weight']} bits/weight")
+    _out.print(f"  zip         {result.zip_path}: {_mb(result.zip_path.stat().st_size)}")
+    for comparison in result.comparisons:
+        _out.print(f"  parity      {comparison.summary()}")
+
+
+def print_run_stats(stats, load_seconds: float) -> None:
+    """Load time, time to first token and tokens/s of one generation (to stderr)."""
+    _err.print(
+        f"[dim]load {load_seconds * 1000:.0f} ms · prompt {stats.prompt_tokens} tok · "
+        f"first token {stats.time_to_first_token * 1000:.0f} ms · prefill {stats.prefill_tokens_per_second:.1f} tok/s · "
+        f"decode {stats.decode_tokens_per_second:.1f} tok/s ({stats.generated_tokens} tokens)[/dim]"
+    )

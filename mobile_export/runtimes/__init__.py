@@ -1,0 +1,1 @@
+"""Runtimes that load a bundle's artifact and step it: prefill, decode, logits."""

@@ -1,0 +1,99 @@
+"""ExecuTorch + XNNPACK: ``torch.export`` → ``to_edge_transform_and_lower`` → ``model.pte``.
+
+The program has one ``forward(tokens, input_pos)`` method plus the constant metadata methods
+ExecuTorch's LLM runner reads (``get_max_seq_len``, ``get_bos_id``, ``get_eos_ids``,
+``use_kv_cache``, ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``...), so its own Android
+and iOS runners load the file unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from mobile_export.modeling import dynamic_shapes, example_inputs
+from mobile_export.quantize import LINEAR_SCHEMES
+from mobile_export.runtimes.executorch import ExecuTorchDecoder
+from mobile_export.targets import Backend, register
+
+
+def runner_metadata(*, max_seq_len: int, vocab_size: int, n_layers: int, bos_id: int | None, eos_ids: list[int]) -> dict:
+    """Constant methods ExecuTorch's LLM runner reads from a .pte."""
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": vocab_size,
+        "get_n_layers": n_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+    if bos_id is not None:
+        metadata["get_bos_id"] = bos_id
+    if eos_ids:
+        metadata["get_eos_ids"] = list(eos_ids)
+    return metadata
+
+
+@register
+class XnnpackBackend(Backend):
+    """ExecuTorch program delegated to XNNPACK (Android and iOS CPUs)."""
+
+    name = "xnnpack"
+    targets = ("android", "ios")
+    schemes = LINEAR_SCHEMES
+    artifact_file = "model.pte"
+    artifact_format = "executorch-pte"
+
+    def export(self, model, metadata: dict, out_dir: Path, ui) -> dict:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+        max_seq_len = model.max_seq_len
+        ui.update("torch.export")
+        program = torch.export.export(
+            model, example_inputs(max_seq_len), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
+        )
+        ui.update("lowering to XNNPACK")
+        edge = to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=metadata,
+        )
+        del program
+        delegates = sum(
+            1
+            for node in edge.exported_program().graph.nodes
+            if node.op == "call_function" and "executorch_call_delegate" in str(node.target)
+        )
+        ui.update("serializing")
+        executorch_program = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+        del edge
+        gc.collect()
+        path = out_dir / self.artifact_file
+        with path.open("wb") as handle:
+            executorch_program.write_to_file(handle)
+        del executorch_program
+        gc.collect()
+        return {
+            "file": self.artifact_file,
+            "format": self.artifact_format,
+            "methods": ["forward", *sorted(metadata)],
+            "metadata": metadata,
+            "xnnpack_partitions": delegates,
+        }
+
+    def open(self, artifact: Path) -> ExecuTorchDecoder:
+        return ExecuTorchDecoder(artifact)
