@@ -31,13 +31,14 @@ from mobile_export.bundle import (
     write_zip,
 )
 from mobile_export.console import StepUI
-from mobile_export.errors import UserError
+from mobile_export.errors import UserError, VerificationError
 from mobile_export.quantize import QuantReport, QuantSpec, quantize_embedding, quantize_module, untie_lm_head
 from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
 from mobile_export.sources import SourceOptions, load_source
 from mobile_export.targets import get_backend
 from mobile_export.verify import (
     BF16_REFERENCE_THRESHOLDS,
+    FIXED_PROMPTS,
     FP32_THRESHOLDS,
     LOWERING_THRESHOLDS,
     QUANT_COST_THRESHOLDS,
@@ -170,6 +171,31 @@ def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | N
     return getattr(tokenizer, "bos_token_id", None), eos, getattr(tokenizer, "pad_token_id", None)
 
 
+def check_runner(runtime, pte: Path, stage: Path, tokenizer, eos: list[int], new_tokens: int = 8) -> dict:
+    """Generate with ExecuTorch's C++ LLM runner and with our host stepping; the texts must agree.
+
+    Proves the .pte's metadata methods and I/O follow the runner's conventions, so the
+    runners in ExecuTorch's Android/iOS libraries load it unchanged.
+    """
+    from mobile_export.generate import generate
+    from mobile_export.runtimes.executorch import runner_generate
+
+    prompt = FIXED_PROMPTS[0]
+    ids = list(tokenizer(prompt)["input_ids"])
+    num_bos = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
+    ours = generate(runtime.step, ids, new_tokens, set(eos), runtime.max_seq_len)
+    our_text = tokenizer.decode([t for t in ours.tokens if t not in eos], skip_special_tokens=True)
+    runner_text, stats = runner_generate(pte, stage / "tokenizer.json", prompt, new_tokens, num_bos)
+    result = {"prompt": prompt, "new_tokens": new_tokens, "num_bos": num_bos, "stats": stats}
+    if runner_text is None:
+        result["status"] = "loaded and generated; text not compared (runner passed a partial UTF-8 piece)"
+    elif runner_text == our_text:
+        result["status"] = f"ok, same {ours.generated_tokens} greedy tokens"
+    else:
+        result["status"] = f"FAILED: runner wrote {runner_text[:40]!r}, host run {our_text[:40]!r}"
+    return result
+
+
 def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     """Run the whole pipeline and return where the bundle went."""
     started = time.perf_counter()
@@ -211,8 +237,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         lowering_ref = None
         if spec.is_quantized:
             ui.update("eager run of the quantized model")
-            with torch.no_grad():
-                lowering_ref = stepped_logits(lambda toks, pos: decoder(torch.tensor([toks]), torch.tensor([pos])), sequences)
+            lowering_ref = stepped_logits(decoder.step, sequences)
             decoder.reset_cache()
     if report.skipped_linears:
         ui.note(f"{len(report.skipped_linears)} linear layers kept in fp32: {report.skipped_linears[0]} ...")
@@ -235,30 +260,42 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         del decoder
         gc.collect()
 
+        tokenizer.save_pretrained(str(stage))
         with ui.step("Verify artifact against the original model"):
             runtime = backend.open(stage / artifact["file"])
             got = stepped_logits(runtime.step, sequences)
             comparisons = []
             if spec.is_quantized:
-                comparisons.append(compare("lowering parity (vs eager quantized)", got, lowering_ref, LOWERING_THRESHOLDS))
                 comparisons.append(
-                    compare("quantization cost (vs original)", got, reference, QUANT_COST_THRESHOLDS, enforced=not random)
+                    compare("lowering parity (vs eager quantized)", got, lowering_ref, LOWERING_THRESHOLDS)
+                )
+                comparisons.append(
+                    compare(
+                        "quantization cost (vs original)", got, reference, QUANT_COST_THRESHOLDS, enforced=not random
+                    )
                 )
             else:
                 thresholds = FP32_THRESHOLDS if source.dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
                 comparisons.append(compare("parity (vs original)", got, reference, thresholds))
+            ui.update("ExecuTorch's LLM runner")
+            runner = check_runner(runtime, stage / artifact["file"], stage, tokenizer, eos)
             del runtime
         for comparison in comparisons:
             status = "ok" if comparison.passed else ("FAILED" if comparison.enforced else "recorded, not enforced")
             ui.note(f"{comparison.summary()} [{status}]")
+        ui.note(f"ExecuTorch LLM runner: {runner['status']}")
         enforce(comparisons, request.keep_unverified)
+        if runner["status"].startswith("FAILED") and not request.keep_unverified:
+            raise VerificationError(
+                f"ExecuTorch's LLM runner disagrees with the host run: {runner['status']}",
+                hint="nothing was written; pass --keep-unverified to write the bundle anyway",
+            )
 
         with ui.step("Write bundle"):
-            tokenizer.save_pretrained(str(stage))
             tokenizer_files = sorted(p.name for p in stage.iterdir() if p.name != artifact["file"])
             pte_bytes = (stage / artifact["file"]).stat().st_size
             manifest = Manifest(
-                created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 tool={"name": "mobile-export", "version": __version__},
                 versions=package_versions(),
                 model=ModelInfo(
@@ -300,8 +337,12 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     "weights_meaningful": not random,
                     "reference_dtype": str(source.dtype).removeprefix("torch."),
                     "comparisons": [c.__dict__ for c in comparisons],
+                    "llm_runner": runner,
                 },
-                build={"seconds": {k: round(v, 2) for k, v in ui.timings.items()}, "seed": request.seed if random else None},
+                build={
+                    "seconds": {k: round(v, 2) for k, v in ui.timings.items()},
+                    "seed": request.seed if random else None,
+                },
             )
             write_manifest(stage, manifest)
             zip_path = write_zip(stage, request.output_dir / f"{name}.zip")

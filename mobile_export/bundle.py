@@ -184,7 +184,9 @@ def read_manifest(bundle: Path) -> Manifest:
     """Load and validate a bundle's manifest; clear errors for missing, newer or broken ones."""
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
-        raise UserError(f"bundle {bundle} does not exist or is not a folder", hint="pass a folder written by 'mobile-export build'")
+        raise UserError(
+            f"bundle {bundle} does not exist or is not a folder", hint="pass a folder written by 'mobile-export build'"
+        )
     if not path.is_file():
         raise UserError(f"{bundle} has no {MANIFEST_NAME}", hint="pass a folder written by 'mobile-export build'")
     try:

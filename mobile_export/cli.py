@@ -29,6 +29,13 @@ class _Cli(click.Group):
 @click.version_option(__version__, prog_name="mobile-export")
 def main() -> None:
     """Export small language models to verified mobile bundles and run them."""
+    import logging
+    import warnings
+
+    # Library chatter that says nothing to a user of this tool (deprecation notes on import).
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @main.command()
@@ -51,7 +58,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only print the summary.")
 def build(recipe: str | None, target: str, quiet: bool, **options) -> None:
     """Build a verified bundle from RECIPE (or --model-path) for --target."""
-    from mobile_export.build import BuildRequest, build as run_build
+    from mobile_export.build import BuildRequest
+    from mobile_export.build import build as run_build
     from mobile_export.console import StepUI
     from mobile_export.report import print_build_summary
 
@@ -92,7 +100,9 @@ def inspect(bundle: Path) -> None:
     problems = verify_checksums(bundle, manifest)
     print_manifest(bundle, manifest, problems)
     if problems:
-        raise UserError(f"bundle {bundle} failed its checksum check: {problems[0]}", hint="rebuild or re-copy the bundle")
+        raise UserError(
+            f"bundle {bundle} failed its checksum check: {problems[0]}", hint="rebuild or re-copy the bundle"
+        )
 
 
 @main.command()

@@ -169,7 +169,7 @@ def _split_fused_mlp(mlp: nn.Module) -> nn.Module:
     fused = getattr(mlp, "gate_up_proj", None)
     if not isinstance(fused, nn.Linear):
         return mlp
-    act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn")
+    act = getattr(mlp, "activation_fn", None) or mlp.act_fn
     half = fused.out_features // 2
     gate, up = _split_linear(fused, [half, half])
     return GatedMLP(gate, up, mlp.down_proj, act)
@@ -349,6 +349,11 @@ class ExportableDecoder(nn.Module):
         """Swap RMSNorms for XNNPACK-friendly equivalents (after weights are in place)."""
         _replace_norms(self)
 
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Eager call in the runner's convention: feed ``tokens`` at ``start_pos``, get logits [vocab]."""
+        with torch.no_grad():
+            return self(torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long))[0]
+
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (eager use between independent sequences)."""
         for layer in self.layers:
@@ -368,7 +373,7 @@ class ExportableDecoder(nn.Module):
             cos = getattr(self, f"{key}_cos").narrow(0, start_pos, seq)
             sin = getattr(self, f"{key}_sin").narrow(0, start_pos, seq)
             rope[key] = (cos, sin, self.rope_rot)
-        for layer, key in zip(self.layers, self._rope_keys):
+        for layer, key in zip(self.layers, self._rope_keys, strict=True):
             out = layer(hidden, position_embeddings=rope[key], attention_mask=None, position_ids=None)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.norm(hidden[:, -1, :])

@@ -174,7 +174,11 @@ def load_recipe(name_or_path: str) -> Recipe:
     if not path.is_file():
         names = builtin_names()
         close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "run 'mobile-export recipes' to list them"
+        hint = (
+            f"did you mean {' or '.join(repr(c) for c in close)}?"
+            if close
+            else "run 'mobile-export recipes' to list them"
+        )
         raise UserError(f"unknown recipe '{name_or_path}'", hint=hint)
     return load_recipe_file(path)
 

@@ -29,7 +29,13 @@ def print_recipe_table(recipes: list[Recipe]) -> None:
         for target in ("android", "ios"):
             settings = recipe.targets.get(target)
             cells.append(f"{settings.backend} {settings.quant.scheme}" if settings else "-")
-        table.add_row(recipe.name, recipe.hf_id or "(built-in, no download)", recipe.architecture, str(recipe.context_length), *cells)
+        table.add_row(
+            recipe.name,
+            recipe.hf_id or "(built-in, no download)",
+            recipe.architecture,
+            str(recipe.context_length),
+            *cells,
+        )
     _out.print(table)
 
 
@@ -45,17 +51,23 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
     model = manifest.model
     quant = manifest.quantization
     _out.print(f"[bold]{bundle}[/bold]  (manifest schema {manifest.schema_version})")
-    _out.print(f"  model       {model.name} ({model.architecture}, {model.parameters / 1e6:.1f}M params, {model.weights} weights)")
+    _out.print(
+        f"  model       {model.name} ({model.architecture}, {model.parameters / 1e6:.1f}M params, {model.weights} weights)"
+    )
     if model.hf_id:
         _out.print(f"  source      {model.hf_id}@{model.revision}")
     _out.print(f"  target      {manifest.target} / {manifest.backend} ({manifest.artifact.get('format')})")
-    _out.print(f"  quant       {quant.get('scheme')} (group {quant.get('group_size')}), embedding {quant.get('embedding')}, {quant.get('bits_per_weight')} bits/weight")
+    _out.print(
+        f"  quant       {quant.get('scheme')} (group {quant.get('group_size')}), embedding {quant.get('embedding')}, {quant.get('bits_per_weight')} bits/weight"
+    )
     _out.print(f"  context     {manifest.context_length} tokens")
     tok = manifest.tokenizer
     _out.print(f"  tokenizer   {', '.join(tok.files)} (bos {tok.bos_id}, eos {tok.eos_ids})")
     for comparison in manifest.verification.get("comparisons", []):
         state = "ok" if comparison["passed"] else ("FAILED" if comparison["enforced"] else "not enforced")
-        _out.print(f"  verified    {comparison['name']}: cos {comparison['min_cosine']:.6f}, top-1 {comparison['top1_agreement']:.0%} [{state}]")
+        _out.print(
+            f"  verified    {comparison['name']}: cos {comparison['min_cosine']:.6f}, top-1 {comparison['top1_agreement']:.0%} [{state}]"
+        )
     total = sum(entry.bytes for entry in manifest.files)
     _out.print(f"  files       {len(manifest.files)} files, {_mb(total)}")
     if problems:
@@ -70,7 +82,9 @@ def print_build_summary(result) -> None:
     manifest = result.manifest
     artifact = manifest.files[[f.path for f in manifest.files].index(manifest.artifact["file"])]
     _out.print(f"[bold green]Built[/bold green] {result.bundle}  [dim]({result.seconds:.1f}s)[/dim]")
-    _out.print(f"  artifact    {artifact.path}: {_mb(artifact.bytes)}, {manifest.quantization['bits_per_weight']} bits/weight")
+    _out.print(
+        f"  artifact    {artifact.path}: {_mb(artifact.bytes)}, {manifest.quantization['bits_per_weight']} bits/weight"
+    )
     _out.print(f"  zip         {result.zip_path}: {_mb(result.zip_path.stat().st_size)}")
     for comparison in result.comparisons:
         _out.print(f"  parity      {comparison.summary()}")

@@ -110,7 +110,9 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own SafetensorError
-            raise UserError(f"corrupt safetensors file {path}: {exc}", hint="re-download or re-save the weights") from exc
+            raise UserError(
+                f"corrupt safetensors file {path}: {exc}", hint="re-download or re-save the weights"
+            ) from exc
     return safetensors
 
 
@@ -119,7 +121,9 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError for missing or broken files
-        raise UserError(f"cannot load a tokenizer from {folder}: {exc}", hint="the folder needs tokenizer.json") from exc
+        raise UserError(
+            f"cannot load a tokenizer from {folder}: {exc}", hint="the folder needs tokenizer.json"
+        ) from exc
 
 
 def demo_tokenizer():
@@ -157,7 +161,9 @@ def _pretrained_model(folder: Path, dtype: torch.dtype, options: SourceOptions) 
             str(folder), dtype=dtype, use_safetensors=use_safetensors, trust_remote_code=options.trust_remote_code
         )
     except Exception as exc:  # transformers wraps many failure kinds
-        raise UserError(f"cannot load the model in {folder}: {exc}", hint="check the folder's weights and config") from exc
+        raise UserError(
+            f"cannot load the model in {folder}: {exc}", hint="check the folder's weights and config"
+        ) from exc
     return model.eval()
 
 
@@ -208,7 +214,9 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     if options.random_weights or folder is None:
         model = _random_model(config, dtype, options.seed)
         weights = "random"
-        has_tokenizer = folder is not None and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+        has_tokenizer = folder is not None and any(
+            (folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")
+        )
         tokenizer = _load_tokenizer(folder, options.trust_remote_code) if has_tokenizer else demo_tokenizer()
         own_tokenizer = has_tokenizer or recipe.source == "builtin"
         if not own_tokenizer:

@@ -119,7 +119,9 @@ def stepped_logits(step: StepFn, sequences: list[list[int]]) -> list[torch.Tenso
     return outputs
 
 
-def compare(name: str, got: list[torch.Tensor], ref: list[torch.Tensor], thresholds: Thresholds, enforced: bool = True) -> Comparison:
+def compare(
+    name: str, got: list[torch.Tensor], ref: list[torch.Tensor], thresholds: Thresholds, enforced: bool = True
+) -> Comparison:
     """Compare stepped logits with reference logits position by position."""
     a = torch.cat(got).double()
     b = torch.cat(ref).double()

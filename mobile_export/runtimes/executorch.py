@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,10 +14,33 @@ import torch
 from mobile_export.errors import UserError
 
 
+@contextlib.contextmanager
+def native_output_silenced(streams: tuple[int, ...] = (1, 2)) -> Iterator[None]:
+    """Send what native code writes to stdout/stderr to /dev/null (ExecuTorch's C++ logs CPU
+    probing and runner statistics there); Python-level output is flushed first and unaffected after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in streams]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in streams:
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in zip(streams, saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def load_runtime_ops() -> None:
     """Register the kernels our programs may call outside XNNPACK (LLM custom ops, quantized ops)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-    from executorch.kernels import quantized  # noqa: F401
+    with native_output_silenced():
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+        from executorch.kernels import quantized  # noqa: F401
+        from executorch.runtime import Runtime
+
+        Runtime.get()
 
 
 class ExecuTorchDecoder:
@@ -25,8 +52,9 @@ class ExecuTorchDecoder:
 
         start = time.perf_counter()
         try:
-            self._program = Runtime.get().load_program(str(pte_path))
-            self._method = self._program.load_method("forward")
+            with native_output_silenced():
+                self._program = Runtime.get().load_program(str(pte_path))
+                self._method = self._program.load_method("forward")
         except Exception as exc:  # the runtime raises RuntimeError/ValueError with codes
             raise UserError(f"ExecuTorch could not load {pte_path}: {exc}", hint="rebuild the bundle") from exc
         self.load_seconds = time.perf_counter() - start
@@ -57,3 +85,31 @@ class ExecuTorchDecoder:
         pos = torch.tensor([start_pos], dtype=torch.long)
         out = self._method.execute([ids, pos])[0]
         return out.reshape(-1, out.shape[-1])[-1].float()
+
+
+def runner_generate(
+    pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: int, num_bos: int
+) -> tuple[str | None, dict]:
+    """Greedy generation with ExecuTorch's own C++ LLM runner (the one its mobile libraries wrap).
+
+    Returns the generated text (None when the runner handed Python a partial UTF-8 piece, which
+    its binding cannot decode) and the runner's stats.
+    """
+    import json
+
+    load_runtime_ops()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    try:
+        runner = TextLLMRunner(str(pte_path), str(tokenizer_path))
+    except RuntimeError as exc:
+        raise UserError(f"ExecuTorch's LLM runner cannot load {pte_path}: {exc}") from exc
+    pieces: list[str] = []
+    stats: list[dict] = []
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, echo=False, num_bos=num_bos)
+    try:
+        with native_output_silenced():
+            runner.generate(prompt, config, pieces.append, lambda s: stats.append(json.loads(s.to_json_string())))
+    except UnicodeDecodeError:
+        return None, stats[-1] if stats else {}
+    return "".join(pieces), stats[-1] if stats else {}

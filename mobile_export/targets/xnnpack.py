@@ -19,7 +19,9 @@ from mobile_export.runtimes.executorch import ExecuTorchDecoder
 from mobile_export.targets import Backend, register
 
 
-def runner_metadata(*, max_seq_len: int, vocab_size: int, n_layers: int, bos_id: int | None, eos_ids: list[int]) -> dict:
+def runner_metadata(
+    *, max_seq_len: int, vocab_size: int, n_layers: int, bos_id: int | None, eos_ids: list[int]
+) -> dict:
     """Constant methods ExecuTorch's LLM runner reads from a .pte."""
     metadata = {
         "get_max_seq_len": max_seq_len,
