@@ -1,0 +1,64 @@
+"""The export wrapper against the original transformers model, eagerly (no export): fast parity.
+
+Every supported family is checked: the wrapper's prefill + cached decode steps must give the
+logits of one full causal forward of the original model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from mobile_export.errors import UserError
+from mobile_export.modeling import SUPPORTED_MODEL_TYPES, ExportableDecoder, check_supported
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
+
+
+def test_every_supported_type_is_tested():
+    assert sorted(ARCHS) == sorted(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prepared", [False, True], ids=["hf-norms", "export-norms"])
+def test_cached_steps_match_full_forward(arch, prepared):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(1)
+    seq = torch.randint(2, model.config.vocab_size, (40,), generator=gen).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([seq])).logits[0, 23:].float()
+    decoder = ExportableDecoder(model, max_seq_len=64).eval()
+    if prepared:
+        decoder.prepare_for_export()
+    # prefill 24 tokens, then 16 single-token decode steps: window (16) < positions < context (64)
+    rows = [decoder.step(seq[:24], 0)] + [decoder.step([seq[pos]], pos) for pos in range(24, 40)]
+    got = torch.stack(rows).float()
+    assert got.shape == ref.shape
+    scale = ref.abs().max().item()
+    assert scale > 0.5, "logits too flat to test anything"
+    torch.testing.assert_close(got, ref, atol=2e-4 * scale, rtol=0)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_export_norms_replace_every_rmsnorm():
+    decoder = ExportableDecoder(tiny_model("gemma3_text"), max_seq_len=32)
+    decoder.prepare_for_export()
+    leftover = [name for name, m in decoder.named_modules() if type(m).__name__.endswith("RMSNorm") and "Export" not in type(m).__name__]
+    assert leftover == []
+
+
+def test_fused_projections_are_split():
+    decoder = ExportableDecoder(tiny_model("phi3"), max_seq_len=32)
+    attn = decoder.layers[0].self_attn
+    assert attn.q_proj.out_features == 4 * 16 and attn.k_proj.out_features == 2 * 16
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n, _ in decoder.named_modules())
+
+
+def test_unsupported_architecture_is_refused():
+    import transformers
+
+    with pytest.raises(UserError) as info:
+        check_supported(transformers.GPT2Config())
+    assert "unsupported architecture 'gpt2'" in info.value.one_line()
+    assert "llama" in info.value.one_line() and "phi3" in info.value.one_line()
