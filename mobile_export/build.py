@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -103,6 +104,8 @@ def resolve_recipe(request: BuildRequest) -> Recipe:
         return load_recipe(request.recipe)
     if request.model_path is None:
         raise UserError("nothing to build", hint="name a recipe, or pass --model-path DIR")
+    if not request.model_path.is_dir():
+        raise UserError(f"model folder {request.model_path} does not exist")
     import json
 
     config_path = request.model_path / "config.json"
@@ -112,17 +115,33 @@ def resolve_recipe(request: BuildRequest) -> Recipe:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise UserError(f"{config_path} is not valid JSON", hint="fix or re-download config.json") from exc
-    name = request.model_path.resolve().name.lower().replace(" ", "-") or "model"
-    return recipe_from_model_config(config, name, request.context_length or 2048, request.target)
+    name = re.sub(r"[^a-z0-9._-]+", "-", request.model_path.resolve().name.lower()).strip("-._") or "model"
+    return recipe_from_model_config(config, name)
 
 
-def quant_spec(recipe: Recipe, request: BuildRequest) -> QuantSpec:
-    """The recipe's quantization for the target, with command-line overrides applied."""
-    settings = recipe.target(request.target).quant
-    scheme = request.quant or settings.scheme
-    embedding = request.embedding_quant or settings.embedding
-    group_size = request.group_size or settings.group_size
+def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
+    """The recipe's quantization for the target (or the backend's default when the user picked
+    another backend than the recipe's), with command-line overrides applied."""
+    target = recipe.target(request.target)
+    settings = target.quant if target.backend == backend.name else backend.default_quant
+    scheme = request.quant if request.quant is not None else settings.scheme
+    embedding = request.embedding_quant if request.embedding_quant is not None else settings.embedding
+    group_size = request.group_size if request.group_size is not None else settings.group_size
     return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding)
+
+
+def context_length(recipe: Recipe, request: BuildRequest, config) -> int:
+    """KV-cache length: the command line's or the recipe's, checked against the model."""
+    length = request.context_length if request.context_length is not None else recipe.context_length
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if length < 32:
+        raise UserError(f"context length {length} is too small", hint="use at least 32 tokens")
+    if isinstance(max_positions, int) and length > max_positions:
+        raise UserError(
+            f"context length {length} exceeds the model's {max_positions} positions",
+            hint=f"use --context-length {max_positions} or less",
+        )
+    return length
 
 
 def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui: StepUI):
@@ -137,7 +156,9 @@ def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui
     for index, layer in enumerate(decoder.layers):
         ui.update(f"layer {index + 1}/{total}")
         quantize_module(layer, spec, report, prefix=f"layers.{index}.")
-    quantize_module(decoder.lm_head, spec, report, prefix="lm_head")
+    head = torch.nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
+    quantize_module(head, spec, report)
+    decoder.lm_head = head["lm_head"]
     quantize_embedding(decoder.embed_tokens, spec, report)
     decoder.prepare_for_export()
     gc.collect()
@@ -196,6 +217,13 @@ def check_runner(runtime, pte: Path, stage: Path, tokenizer, eos: list[int], new
     return result
 
 
+def _recipe_config(recipe: Recipe, request: BuildRequest):
+    """The architecture's config as far as it is known before loading (for early checks)."""
+    import types
+
+    return types.SimpleNamespace(**recipe.config)
+
+
 def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     """Run the whole pipeline and return where the bundle went."""
     started = time.perf_counter()
@@ -203,11 +231,9 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     settings = recipe.target(request.target)
     backend_name = request.backend or settings.backend
     backend = get_backend(backend_name)
-    spec = quant_spec(recipe, request)
+    spec = quant_spec(recipe, request, backend)
     backend.check(request.target, spec.scheme)
-    max_seq_len = request.context_length or recipe.context_length
-    if max_seq_len < 32:
-        raise UserError(f"context length {max_seq_len} is too small", hint="use at least 32 tokens")
+    max_seq_len = context_length(recipe, request, _recipe_config(recipe, request))
     name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
     final_dir = request.output_dir / name
     check_destination(final_dir, request.force)

@@ -42,7 +42,7 @@ def main() -> None:
 @click.argument("recipe", required=False)
 @click.option("--target", "-t", required=True, help="Platform: android or ios.")
 @click.option("--backend", help="Backend (default from the recipe), e.g. xnnpack.")
-@click.option("--quant", help="Weight quantization: fp32, 8da4w, 8da8w, int8 (default from the recipe).")
+@click.option("--quant", help="Weight quantization: fp32, 8da4w or int8 (default from the recipe).")
 @click.option("--group-size", type=int, help="Group size for 8da4w and int4 embeddings: 32, 64 or 128.")
 @click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
 @click.option("--context-length", type=int, help="Tokens the KV cache holds (default from the recipe).")

@@ -5,8 +5,10 @@ Schemes (``--quant``):
 - ``fp32``: no weight quantization.
 - ``8da4w``: int8 dynamic per-token activations, int4 symmetric weights in groups of
   ``group_size`` (32/64/128) along the input dimension. XNNPACK runs this as qd8-qb4w.
-- ``8da8w``: int8 dynamic activations, int8 per-channel weights (XNNPACK qd8-qc8w).
-- ``int8``: int8 per-channel weight-only; activations stay fp32.
+- ``int8``: int8 symmetric per-channel weights. XNNPACK runs them as qd8-qc8w: activations
+  are quantized to int8 per token at run time. (ExecuTorch 1.5's XNNPACK delegate has no
+  weight-only int8 linear that keeps int8 storage: a dequantize-then-linear program comes out
+  with fp32 weights, measured; so weight-only int8 is not offered on this backend.)
 
 Embeddings (``--embedding-quant``): ``none``, ``int8`` (per row) or ``int4`` (per group of
 ``group_size``), weight-only; at run time they use ExecuTorch's quantized embedding kernels.
@@ -24,14 +26,14 @@ from torch import nn
 
 from mobile_export.errors import UserError
 
-LinearScheme = Literal["fp32", "8da4w", "8da8w", "int8"]
+LinearScheme = Literal["fp32", "8da4w", "int8"]
 EmbeddingScheme = Literal["none", "int8", "int4"]
-LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "8da4w", "8da8w", "int8")
+LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "8da4w", "int8")
 EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
 # Bits stored per weight, including the fp32 scale each group or row carries.
-_WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "int8": 8}
+_WEIGHT_BITS = {"8da4w": 4, "int8": 8}
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,14 @@ class QuantReport:
 
 
 def _linear_config(spec: QuantSpec):
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if spec.scheme == "8da4w":
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(spec.group_size)
         )
-    if spec.scheme == "8da8w":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
 
 
 def _embedding_config(spec: QuantSpec):

@@ -27,6 +27,7 @@ TARGET_BACKENDS: dict[str, tuple[str, ...]] = {
     "ios": ("coreml", "coreml-executorch", "xnnpack", "onnx"),
 }
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+DEFAULT_CONTEXT_LENGTH = 2048
 
 
 class _Strict(BaseModel):
@@ -194,23 +195,29 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def recipe_from_model_config(config_dict: dict, name: str, context_length: int, target: str) -> Recipe:
-    """A recipe for a local model folder given without a recipe: target defaults."""
+def recipe_from_model_config(config_dict: dict, name: str) -> Recipe:
+    """A recipe for a local model folder given without a recipe: the targets' defaults."""
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
     targets = {
         "android": TargetSettings(backend="xnnpack", quant=default_quant),
-        "ios": TargetSettings(backend="coreml", quant=QuantSettings(scheme="int4", group_size=32)),
+        "ios": TargetSettings(backend="xnnpack", quant=default_quant),
     }
-    max_pos = config_dict.get("max_position_embeddings") or context_length
-    return Recipe(
-        name=name,
-        description="local model folder",
-        source="local",
-        architecture=str(config_dict.get("model_type")),
-        context_length=min(context_length, int(max_pos)),
-        config=config_dict,
-        targets=targets,
-    )
+    max_pos = config_dict.get("max_position_embeddings")
+    length = min(DEFAULT_CONTEXT_LENGTH, max_pos) if isinstance(max_pos, int) and max_pos >= 16 else DEFAULT_CONTEXT_LENGTH
+    try:
+        return Recipe(
+            name=name,
+            description="local model folder",
+            source="local",
+            architecture=str(config_dict.get("model_type")),
+            context_length=length,
+            config=config_dict,
+            targets=targets,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"cannot use this model folder ({key}: {first['msg']})", hint="pass a recipe") from exc
 
 
 Target = Literal["android", "ios"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mobile_export.bundle import Manifest
@@ -43,7 +44,7 @@ def print_recipe(recipe: Recipe) -> None:
     """The recipe as YAML."""
     import yaml
 
-    _out.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
+    _out.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip(), markup=False)
 
 
 def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> None:
@@ -72,7 +73,7 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
     _out.print(f"  files       {len(manifest.files)} files, {_mb(total)}")
     if problems:
         for problem in problems:
-            _out.print(f"  [red]✗ {problem}[/red]")
+            _out.print(f"  [red]✗ {escape(problem)}[/red]")
     else:
         _out.print("  [green]✓ all checksums match[/green]")
 

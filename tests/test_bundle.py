@@ -154,7 +154,8 @@ def test_write_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     returned = write_manifest(folder, make_manifest())
     on_disk = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     expected = [
-        {"path": rel, "bytes": len(FILES[rel]), "sha256": hashlib.sha256(FILES[rel]).hexdigest()} for rel in sorted(FILES)
+        {"path": rel, "bytes": len(FILES[rel]), "sha256": hashlib.sha256(FILES[rel]).hexdigest()}
+        for rel in sorted(FILES)
     ]
     assert on_disk["files"] == expected
     assert [f.model_dump() for f in returned.files] == expected

@@ -58,7 +58,9 @@ def test_builtin_recipe_has_buildable_android_settings(name):
     recipe = load_recipe(name)
     android = recipe.target("android")
     assert android.backend == "xnnpack"
-    spec = QuantSpec(scheme=android.quant.scheme, group_size=android.quant.group_size, embedding=android.quant.embedding)
+    spec = QuantSpec(
+        scheme=android.quant.scheme, group_size=android.quant.group_size, embedding=android.quant.embedding
+    )
     get_backend(android.backend).check("android", spec.scheme)  # raises if the backend cannot do it
     assert recipe.architecture == recipe.config["model_type"]
     assert recipe.architecture in SUPPORTED_MODEL_TYPES
@@ -217,7 +219,6 @@ def test_recipes_show_prints_the_recipe_as_yaml():
     assert Recipe.model_validate(yaml.safe_load(result.stdout)) == load_recipe("demo")
 
 
-@pytest.mark.xfail(reason="bug: print_recipe passes YAML through rich markup, so '[...]' in values is swallowed", strict=True)
 def test_recipes_show_prints_brackets_verbatim(tmp_path):
     data = recipe_data("demo")
     data["description"] = "Demo [v2] with [bold]brackets"

@@ -28,6 +28,7 @@ class Backend(ABC):
     schemes: tuple[str, ...] = ()
     artifact_file: str = ""
     artifact_format: str = ""
+    default_quant = None  # QuantSettings used when a recipe names another backend for the target
 
     def check(self, target: str, scheme: str) -> None:
         """Refuse a target or scheme this backend cannot do, listing what it can."""

@@ -15,6 +15,7 @@ import torch
 
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.quantize import LINEAR_SCHEMES
+from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchDecoder
 from mobile_export.targets import Backend, register
 
@@ -48,6 +49,7 @@ class XnnpackBackend(Backend):
     schemes = LINEAR_SCHEMES
     artifact_file = "model.pte"
     artifact_format = "executorch-pte"
+    default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
 
     def export(self, model, metadata: dict, out_dir: Path, ui) -> dict:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
