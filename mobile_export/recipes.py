@@ -203,7 +203,9 @@ def recipe_from_model_config(config_dict: dict, name: str) -> Recipe:
         "ios": TargetSettings(backend="xnnpack", quant=default_quant),
     }
     max_pos = config_dict.get("max_position_embeddings")
-    length = min(DEFAULT_CONTEXT_LENGTH, max_pos) if isinstance(max_pos, int) and max_pos >= 16 else DEFAULT_CONTEXT_LENGTH
+    length = (
+        min(DEFAULT_CONTEXT_LENGTH, max_pos) if isinstance(max_pos, int) and max_pos >= 16 else DEFAULT_CONTEXT_LENGTH
+    )
     try:
         return Recipe(
             name=name,

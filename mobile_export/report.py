@@ -13,7 +13,7 @@ from mobile_export.bundle import Manifest
 from mobile_export.recipes import Recipe
 
 _out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-_err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _mb(num_bytes: int) -> str:

@@ -72,7 +72,9 @@ def test_demo_build_run_inspect(tmp_path):
 
 def test_llama_fp32_from_folder_matches_original_tightly(tmp_path):
     folder = write_model_dir(tmp_path / "tiny-llama", "llama")
-    code, out = _build(["--model-path", str(folder), "--target", "android", "--quant", "fp32", "-o", str(tmp_path / "dist")])
+    code, out = _build(
+        ["--model-path", str(folder), "--target", "android", "--quant", "fp32", "-o", str(tmp_path / "dist")]
+    )
     assert code == 0, out
     manifest = _check_bundle(tmp_path / "dist" / "tiny-llama-android", scheme="fp32", arch="llama", weights="local")
     parity = _comparison(manifest, "parity")
@@ -105,7 +107,9 @@ def test_architectures_and_schemes(tmp_path, arch, scheme, extra):
 
 
 def test_recipe_file_with_random_weights(tmp_path):
-    code, out = _build(["tests/fixtures/tiny-qwen2.yaml", "--target", "android", "--random-weights", "-o", str(tmp_path)])
+    code, out = _build(
+        ["tests/fixtures/tiny-qwen2.yaml", "--target", "android", "--random-weights", "-o", str(tmp_path)]
+    )
     assert code == 0, out
     manifest = _check_bundle(tmp_path / "tiny-qwen2-android", scheme="8da4w", arch="qwen2", weights="random")
     assert manifest["quantization"]["embedding"] == "int4"

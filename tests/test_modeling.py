@@ -44,7 +44,11 @@ def test_cached_steps_match_full_forward(arch, prepared):
 def test_export_norms_replace_every_rmsnorm():
     decoder = ExportableDecoder(tiny_model("gemma3_text"), max_seq_len=32)
     decoder.prepare_for_export()
-    leftover = [name for name, m in decoder.named_modules() if type(m).__name__.endswith("RMSNorm") and "Export" not in type(m).__name__]
+    leftover = [
+        name
+        for name, m in decoder.named_modules()
+        if type(m).__name__.endswith("RMSNorm") and "Export" not in type(m).__name__
+    ]
     assert leftover == []
 
 

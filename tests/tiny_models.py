@@ -15,7 +15,9 @@ import transformers
 from mobile_export.sources import DEMO_TOKENIZER_DIR
 
 VOCAB = 1024
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256
+)
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
@@ -38,7 +40,9 @@ def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     elif arch == "mistral":
         cfg = transformers.MistralConfig(**common, num_attention_heads=4, num_key_value_heads=1, sliding_window=None)
     elif arch == "qwen2":  # q/k/v bias, untied head
-        cfg = transformers.Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        cfg = transformers.Qwen2Config(
+            **common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False
+        )
     elif arch == "qwen3":  # per-head q/k RMSNorm, explicit head_dim
         cfg = transformers.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     elif arch == "phi3":  # fused qkv and gate_up projections, partial rotary, longrope
@@ -48,7 +52,11 @@ def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
             num_key_value_heads=2,
             partial_rotary_factor=0.5,
             original_max_position_embeddings=128,
-            rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 2.1, 2.2, 2.3]},
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.2, 1.3],
+                "long_factor": [2.0, 2.1, 2.2, 2.3],
+            },
             pad_token_id=0,
         )
     elif arch == "gemma":  # (1 + w) RMSNorm, scaled embeddings, gelu-tanh MLP

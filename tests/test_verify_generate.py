@@ -1,0 +1,118 @@
+"""Parity figures and their thresholds, the failure path, and greedy generation/streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mobile_export.errors import VerificationError
+from mobile_export.generate import TextStreamer, generate
+from mobile_export.verify import (
+    DECODE_STEPS,
+    FP32_THRESHOLDS,
+    LOWERING_THRESHOLDS,
+    Thresholds,
+    compare,
+    enforce,
+    prefill_length,
+    stepped_logits,
+    token_sequences,
+)
+
+
+def _logits(seed: int, rows: int = 7, vocab: int = 50) -> list[torch.Tensor]:
+    return [torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 5]
+
+
+def test_identical_logits_pass_every_threshold():
+    ref = _logits(0)
+    result = compare("same", [ref[0].clone()], ref, FP32_THRESHOLDS)
+    assert result.passed and result.failures == []
+    assert result.max_abs_diff == 0.0 and result.top1_agreement == 1.0
+    assert result.min_cosine == pytest.approx(1.0)
+
+
+def test_small_noise_is_measured_and_judged():
+    ref = _logits(0)
+    noisy = ref[0] + 0.05 * torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(1))
+    result = compare("noisy", [noisy], ref, FP32_THRESHOLDS)
+    assert not result.passed  # 0.05 noise on ~5-scale logits is far outside fp32 tolerance
+    assert any("max|diff|" in f for f in result.failures)
+    assert compare("noisy", [noisy], ref, LOWERING_THRESHOLDS).passed  # but cosine stays > 0.999
+
+
+def test_unrelated_logits_fail_cosine_and_top1():
+    result = compare("other", _logits(1), _logits(0), Thresholds(min_cosine=0.9, min_top1=0.5))
+    assert not result.passed
+    assert len(result.failures) == 2
+    assert result.min_cosine < 0.9 and result.top1_agreement < 0.5
+
+
+def test_enforce_raises_with_the_numbers_unless_kept():
+    bad = compare("lowering parity", _logits(1), _logits(0), LOWERING_THRESHOLDS)
+    with pytest.raises(VerificationError) as info:
+        enforce([bad], keep_anyway=False)
+    assert "lowering parity" in info.value.message and "cosine" in info.value.message
+    assert info.value.exit_code != 0 and "--keep-unverified" in info.value.hint
+    enforce([bad], keep_anyway=True)  # kept on request: no exception
+    not_enforced = compare("cost", _logits(1), _logits(0), LOWERING_THRESHOLDS, enforced=False)
+    enforce([not_enforced], keep_anyway=False)
+
+
+def test_protocol_steps_prefill_then_single_tokens():
+    calls = []
+
+    def step(tokens, pos):
+        calls.append((len(tokens), pos))
+        return torch.full((10,), float(pos))
+
+    seqs = token_sequences(lambda text: list(range(3, 3 + len(text.split()))), max_seq_len=64)
+    out = stepped_logits(step, seqs[:1])
+    n = prefill_length(seqs[0])
+    assert calls[0] == (n, 0)
+    assert calls[1:] == [(1, p) for p in range(n, len(seqs[0]))]
+    assert out[0].shape == (1 + DECODE_STEPS, 10)
+
+
+def test_generate_stops_at_eos_and_limit():
+    # a fake model that always predicts (last token + 1)
+    def step(tokens, pos):
+        logits = torch.zeros(20)
+        logits[(tokens[-1] + 1) % 20] = 1.0
+        return logits
+
+    stats = generate(step, [3, 4], max_new_tokens=10, eos_ids={8}, max_seq_len=100)
+    assert stats.tokens == [5, 6, 7, 8]
+    stats = generate(step, [3, 4], max_new_tokens=3, eos_ids=set(), max_seq_len=100)
+    assert stats.tokens == [5, 6, 7] and stats.generated_tokens == 3
+    stats = generate(step, [3, 4], max_new_tokens=10, eos_ids=set(), max_seq_len=5)
+    assert len(stats.tokens) == 3  # context full
+
+
+def test_streamer_holds_back_partial_utf8():
+    from tokenizers import Tokenizer
+
+    from mobile_export.sources import DEMO_TOKENIZER_DIR
+
+    tok = Tokenizer.from_file(str(DEMO_TOKENIZER_DIR / "tokenizer.json"))
+    text = "café ☕ ok"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    streamer = TextStreamer(lambda t: tok.decode(t))
+    pieces = [streamer.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):
+    from mobile_export.cli import main
+    from mobile_export.targets.xnnpack import XnnpackBackend
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(XnnpackBackend, "export", interrupted)
+    result = CliRunner().invoke(main, ["build", "demo", "--target", "android", "-o", str(tmp_path), "-q"])
+    assert result.exit_code == 130
+    assert "interrupted: nothing was written" in result.output
+    assert list(tmp_path.iterdir()) == []
