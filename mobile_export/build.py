@@ -342,6 +342,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     "group_size": spec.group_size if spec.scheme == "8da4w" else None,
                     "embedding": spec.embedding,
                     "quantized_linears": report.quantized_linears,
+                    "quantized_embeddings": report.quantized_embeddings,
                     "fp32_linears": report.skipped_linears or [],
                     "bits_per_weight": round(pte_bytes * 8 / parameters, 3),
                 },

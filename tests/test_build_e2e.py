@@ -54,7 +54,7 @@ def test_demo_build_run_inspect(tmp_path):
     bundle = tmp_path / "demo-android"
     manifest = _check_bundle(bundle, scheme="8da4w", arch="llama", weights="random")
     lowering = _comparison(manifest, "lowering parity")
-    assert lowering["passed"] and lowering["min_cosine"] >= 0.999
+    assert lowering["passed"] and lowering["min_cosine"] >= 0.995
     assert manifest["quantization"]["embedding"] == "int8"
     assert manifest["quantization"]["bits_per_weight"] < 8  # int4 weights + int8 embedding, scales included
 
@@ -73,7 +73,18 @@ def test_demo_build_run_inspect(tmp_path):
 def test_llama_fp32_from_folder_matches_original_tightly(tmp_path):
     folder = write_model_dir(tmp_path / "tiny-llama", "llama")
     code, out = _build(
-        ["--model-path", str(folder), "--target", "android", "--quant", "fp32", "-o", str(tmp_path / "dist")]
+        [
+            "--model-path",
+            str(folder),
+            "--target",
+            "android",
+            "--quant",
+            "fp32",
+            "--embedding-quant",
+            "none",
+            "-o",
+            str(tmp_path / "dist"),
+        ]
     )
     assert code == 0, out
     manifest = _check_bundle(tmp_path / "dist" / "tiny-llama-android", scheme="fp32", arch="llama", weights="local")
@@ -100,10 +111,12 @@ def test_architectures_and_schemes(tmp_path, arch, scheme, extra):
     name = f"tiny-{arch}".lower()
     manifest = _check_bundle(tmp_path / "dist" / f"{name}-android", scheme=scheme, arch=arch, weights="local")
     lowering = _comparison(manifest, "lowering parity")
-    assert lowering["passed"] and lowering["min_cosine"] >= 0.999
+    assert lowering["passed"] and lowering["min_cosine"] >= 0.995
     cost = _comparison(manifest, "quantization cost")
-    assert cost["enforced"]  # real (trained-or-not) weights from a folder are checked against the original
-    assert manifest["quantization"]["quantized_linears"] > 0
+    assert cost["enforced"] and cost["passed"]  # briefly trained weights: quantization must keep them
+    quant = manifest["quantization"]
+    assert (quant["quantized_linears"] > 0) == (scheme != "fp32")
+    assert quant["quantized_embeddings"] == (0 if quant["embedding"] == "none" else 1)
 
 
 def test_recipe_file_with_random_weights(tmp_path):
