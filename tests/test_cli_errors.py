@@ -392,3 +392,10 @@ def test_run_max_new_tokens_must_be_positive(fake_bundle, count):
     line = error_line(result)
     assert line == "error: --max-new-tokens must be at least 1"
     assert result.stdout == ""
+
+
+def test_hub_recipe_without_network_says_what_to_do(out, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = build_error(out, "smollm2-135m", "--target", "android")
+    assert "could not download HuggingFaceTB/SmolLM2-135M-Instruct@12fd25f" in line
+    assert "--model-path" in line and "--random-weights" in line
