@@ -101,7 +101,8 @@ def runner_generate(
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     try:
-        runner = TextLLMRunner(str(pte_path), str(tokenizer_path))
+        with native_output_silenced():
+            runner = TextLLMRunner(str(pte_path), str(tokenizer_path))
     except RuntimeError as exc:
         raise UserError(f"ExecuTorch's LLM runner cannot load {pte_path}: {exc}") from exc
     pieces: list[str] = []

@@ -8,7 +8,9 @@ and iOS runners load the file unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +42,48 @@ def runner_metadata(
     return metadata
 
 
+# XNNPACK passes that only rewrite ops a decoder LLM graph never contains (convolutions, batch
+# norm, pooling, upsampling, PReLU, static-quant padding) or fuse a pattern this tool never
+# emits (XNNPACK's own SDPA: attention runs in ExecuTorch's custom SDPA op). XNNPACK runs its
+# whole pass list on every partition, each pass re-tracing the partition; skipping these cuts
+# lowering time by about 30% with bit-identical output (measured on tiny Llama models).
+SKIPPED_XNNPACK_PASSES = frozenset(
+    {
+        "ConvertToUpsampleBilinear2d",
+        "ConvertToSDPAPass",
+        "FuseBatchNormPass",
+        "DecomposeBatchNorm",
+        "Conv1dUnsqueezePass",
+        "PReLUReshapePass",
+        "InsertPadQDQPass",
+    }
+)
+
+
+@contextlib.contextmanager
+def lean_xnnpack_passes() -> Iterator[None]:
+    """While lowering, leave :data:`SKIPPED_XNNPACK_PASSES` out of XNNPACK's default pass list.
+
+    Every build verifies the lowered program against eager PyTorch, so a pass that turned out
+    to matter would fail the build rather than ship wrong numbers.
+    """
+    from executorch.backends.xnnpack import _passes
+
+    manager = _passes.XNNPACKPassManager
+    original = manager.__init__
+
+    def lean_init(self, exported_program, passes=None) -> None:
+        original(self, exported_program, passes)
+        if passes is None:
+            self.passes = [p for p in self.passes if p.__name__ not in SKIPPED_XNNPACK_PASSES]
+
+    manager.__init__ = lean_init
+    try:
+        yield
+    finally:
+        manager.__init__ = original
+
+
 @register
 class XnnpackBackend(Backend):
     """ExecuTorch program delegated to XNNPACK (Android and iOS CPUs)."""
@@ -63,12 +107,13 @@ class XnnpackBackend(Backend):
             model, example_inputs(max_seq_len), dynamic_shapes=dynamic_shapes(max_seq_len), strict=False
         )
         ui.update("lowering to XNNPACK")
-        edge = to_edge_transform_and_lower(
-            program,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=metadata,
-        )
+        with lean_xnnpack_passes():
+            edge = to_edge_transform_and_lower(
+                program,
+                partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                constant_methods=metadata,
+            )
         del program
         delegates = sum(
             1
