@@ -33,6 +33,7 @@ from mobile_export.bundle import (
 )
 from mobile_export.console import StepUI
 from mobile_export.errors import UserError, VerificationError
+from mobile_export.memory import release_memory
 from mobile_export.quantize import QuantReport, QuantSpec, quantize_embedding, quantize_module, untie_lm_head
 from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
 from mobile_export.sources import SourceOptions, load_source
@@ -156,6 +157,7 @@ def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui
     for index, layer in enumerate(decoder.layers):
         ui.update(f"layer {index + 1}/{total}")
         quantize_module(layer, spec, report, prefix=f"layers.{index}.")
+        release_memory()
     head = torch.nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
     quantize_module(head, spec, report)
     decoder.lm_head = head["lm_head"]
@@ -192,26 +194,36 @@ def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | N
     return getattr(tokenizer, "bos_token_id", None), eos, getattr(tokenizer, "pad_token_id", None)
 
 
-def check_runner(runtime, pte: Path, stage: Path, tokenizer, eos: list[int], new_tokens: int = 8) -> dict:
-    """Generate with ExecuTorch's C++ LLM runner and with our host stepping; the texts must agree.
+RUNNER_CHECK_TOKENS = 8
+
+
+def host_greedy_tokens(runtime, tokenizer, eos: list[int]) -> list[int]:
+    """Greedy tokens our host stepping generates for the runner check's prompt."""
+    from mobile_export.generate import generate
+
+    ids = list(tokenizer(FIXED_PROMPTS[0])["input_ids"])
+    return generate(runtime.step, ids, RUNNER_CHECK_TOKENS, set(eos), runtime.max_seq_len).tokens
+
+
+def check_runner(pte: Path, stage: Path, tokenizer, eos: list[int], host_tokens: list[int]) -> dict:
+    """Generate with ExecuTorch's C++ LLM runner; its text must equal our host run's.
 
     Proves the .pte's metadata methods and I/O follow the runner's conventions, so the
     runners in ExecuTorch's Android/iOS libraries load it unchanged.
     """
-    from mobile_export.generate import generate
     from mobile_export.runtimes.executorch import runner_generate
 
     prompt = FIXED_PROMPTS[0]
+    new_tokens = RUNNER_CHECK_TOKENS
     ids = list(tokenizer(prompt)["input_ids"])
     num_bos = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
-    ours = generate(runtime.step, ids, new_tokens, set(eos), runtime.max_seq_len)
-    our_text = tokenizer.decode([t for t in ours.tokens if t not in eos], skip_special_tokens=True)
+    our_text = tokenizer.decode([t for t in host_tokens if t not in eos], skip_special_tokens=True)
     runner_text, stats = runner_generate(pte, stage / "tokenizer.json", prompt, new_tokens, num_bos)
     result = {"prompt": prompt, "new_tokens": new_tokens, "num_bos": num_bos, "stats": stats}
     if runner_text is None:
         result["status"] = "loaded and generated; text not compared (runner passed a partial UTF-8 piece)"
     elif runner_text == our_text:
-        result["status"] = f"ok, same {ours.generated_tokens} greedy tokens"
+        result["status"] = f"ok, same {len(host_tokens)} greedy tokens"
     else:
         result["status"] = f"FAILED: runner wrote {runner_text[:40]!r}, host run {our_text[:40]!r}"
     return result
@@ -268,7 +280,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     if report.skipped_linears:
         ui.note(f"{len(report.skipped_linears)} linear layers kept in fp32: {report.skipped_linears[0]} ...")
     del source.model
-    gc.collect()
+    release_memory()
 
     bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer)
     from mobile_export.targets.xnnpack import runner_metadata
@@ -284,7 +296,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         with ui.step(f"Export and lower ({backend.name})"):
             artifact = backend.export(decoder, metadata, stage, ui)
         del decoder
-        gc.collect()
+        release_memory()
 
         tokenizer.save_pretrained(str(stage))
         with ui.step("Verify artifact against the original model"):
@@ -303,9 +315,11 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
             else:
                 thresholds = FP32_THRESHOLDS if source.dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
                 comparisons.append(compare("parity (vs original)", got, reference, thresholds))
+            host_tokens = host_greedy_tokens(runtime, tokenizer, eos)
+            del runtime  # one loaded copy of the program at a time
+            release_memory()
             ui.update("ExecuTorch's LLM runner")
-            runner = check_runner(runtime, stage / artifact["file"], stage, tokenizer, eos)
-            del runtime
+            runner = check_runner(stage / artifact["file"], stage, tokenizer, eos, host_tokens)
         for comparison in comparisons:
             status = "ok" if comparison.passed else ("FAILED" if comparison.enforced else "recorded, not enforced")
             ui.note(f"{comparison.summary()} [{status}]")

@@ -39,7 +39,7 @@ def test_small_noise_is_measured_and_judged():
     result = compare("noisy", [noisy], ref, FP32_THRESHOLDS)
     assert not result.passed  # 0.05 noise on ~5-scale logits is far outside fp32 tolerance
     assert any("max|diff|" in f for f in result.failures)
-    assert compare("noisy", [noisy], ref, LOWERING_THRESHOLDS).passed  # but cosine stays > 0.995
+    assert compare("noisy", [noisy], ref, LOWERING_THRESHOLDS).passed  # but cosine stays > 0.98
 
 
 def test_unrelated_logits_fail_cosine_and_top1():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mobile_export.memory import release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.quantize import LINEAR_SCHEMES
 from mobile_export.recipes import QuantSettings
@@ -84,6 +85,15 @@ def lean_xnnpack_passes() -> Iterator[None]:
         manager.__init__ = original
 
 
+def _drop_weights(model: torch.nn.Module) -> None:
+    """Release every parameter and buffer of ``model`` (it is consumed by the export)."""
+    for module in model.modules():
+        for name in list(module._parameters):
+            module._parameters[name] = None
+        for name in list(module._buffers):
+            module._buffers[name] = None
+
+
 @register
 class XnnpackBackend(Backend):
     """ExecuTorch program delegated to XNNPACK (Android and iOS CPUs)."""
@@ -96,6 +106,7 @@ class XnnpackBackend(Backend):
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
 
     def export(self, model, metadata: dict, out_dir: Path, ui) -> dict:
+        """Export, lower and write ``model.pte``; the model's weights are released on the way."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
@@ -115,6 +126,8 @@ class XnnpackBackend(Backend):
                 constant_methods=metadata,
             )
         del program
+        _drop_weights(model)  # the lowered program holds what it needs; free the eager copy
+        release_memory()
         delegates = sum(
             1
             for node in edge.exported_program().graph.nodes
