@@ -9,7 +9,6 @@ layer at a time (cast, quantize, free) into the export wrapper that reuses its m
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import platform
 import re
 import time
@@ -131,10 +130,10 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
     return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding)
 
 
-def context_length(recipe: Recipe, request: BuildRequest, config) -> int:
+def context_length(recipe: Recipe, request: BuildRequest) -> int:
     """KV-cache length: the command line's or the recipe's, checked against the model."""
     length = request.context_length if request.context_length is not None else recipe.context_length
-    max_positions = getattr(config, "max_position_embeddings", None)
+    max_positions = recipe.config.get("max_position_embeddings")
     if length < 32:
         raise UserError(f"context length {length} is too small", hint="use at least 32 tokens")
     if isinstance(max_positions, int) and length > max_positions:
@@ -163,7 +162,7 @@ def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui
     decoder.lm_head = head["lm_head"]
     quantize_embedding(decoder.embed_tokens, spec, report)
     decoder.prepare_for_export()
-    gc.collect()
+    release_memory()
     return decoder, report
 
 
@@ -229,13 +228,6 @@ def check_runner(pte: Path, stage: Path, tokenizer, eos: list[int], host_tokens:
     return result
 
 
-def _recipe_config(recipe: Recipe, request: BuildRequest):
-    """The architecture's config as far as it is known before loading (for early checks)."""
-    import types
-
-    return types.SimpleNamespace(**recipe.config)
-
-
 def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     """Run the whole pipeline and return where the bundle went."""
     started = time.perf_counter()
@@ -245,7 +237,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     backend = get_backend(backend_name)
     spec = quant_spec(recipe, request, backend)
     backend.check(request.target, spec.scheme)
-    max_seq_len = context_length(recipe, request, _recipe_config(recipe, request))
+    max_seq_len = context_length(recipe, request)
     name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
     final_dir = request.output_dir / name
     check_destination(final_dir, request.force)

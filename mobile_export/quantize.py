@@ -19,21 +19,15 @@ reported, never silently quantized differently.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from mobile_export.errors import UserError
 
-LinearScheme = Literal["fp32", "8da4w", "int8"]
-EmbeddingScheme = Literal["none", "int8", "int4"]
 LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "8da4w", "int8")
 EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-
-# Bits stored per weight, including the fp32 scale each group or row carries.
-_WEIGHT_BITS = {"8da4w": 4, "int8": 8}
 
 
 @dataclass(frozen=True)
@@ -156,16 +150,3 @@ def quantize_embedding(embedding: nn.Embedding, spec: QuantSpec, report: QuantRe
     with torch.no_grad():
         quantize_(holder, _embedding_config(spec), filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     report.quantized_embeddings += 1
-
-
-def weight_bits(spec: QuantSpec, kind: Literal["linear", "embedding"]) -> float:
-    """Nominal bits per weight of a quantized tensor, scales included (fp32 scale per group/row)."""
-    if kind == "embedding":
-        if spec.embedding == "none":
-            return 32.0
-        return 8.0 if spec.embedding == "int8" else 4.0 + 32.0 / spec.group_size
-    if spec.scheme == "fp32":
-        return 32.0
-    if spec.scheme == "8da4w":
-        return _WEIGHT_BITS["8da4w"] + 32.0 / spec.group_size
-    return float(_WEIGHT_BITS[spec.scheme])

@@ -220,6 +220,3 @@ def recipe_from_model_config(config_dict: dict, name: str) -> Recipe:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise UserError(f"cannot use this model folder ({key}: {first['msg']})", hint="pass a recipe") from exc
-
-
-Target = Literal["android", "ios"]
