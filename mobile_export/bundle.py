@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mobile_export.errors import UserError
+from mobile_export.errors import UserError, describe_validation_error
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -204,9 +204,7 @@ def read_manifest(bundle: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{path}: key '{key}': {first['msg']}", hint="rebuild the bundle") from exc
+        raise UserError(f"{path}: {describe_validation_error(exc)}", hint="rebuild the bundle") from exc
 
 
 def verify_checksums(bundle: Path, manifest: Manifest) -> list[str]:
@@ -223,14 +221,18 @@ def verify_checksums(bundle: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
+def checksum_error(bundle: Path, problems: list[str]) -> UserError:
+    """The one-line error for a bundle whose files do not match its manifest."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return UserError(
+        f"bundle {bundle} failed its checksum check: {problems[0]}{more}", hint="rebuild or re-copy the bundle"
+    )
+
+
 def open_bundle(bundle: Path) -> Manifest:
     """Read a bundle's manifest and refuse it if any file's checksum does not match."""
     manifest = read_manifest(bundle)
     problems = verify_checksums(bundle, manifest)
     if problems:
-        raise UserError(
-            f"bundle {bundle} failed its checksum check: {problems[0]}"
-            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-            hint="rebuild or re-copy the bundle",
-        )
+        raise checksum_error(bundle, problems)
     return manifest

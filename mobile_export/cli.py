@@ -93,16 +93,14 @@ def recipes_show(name: str) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 def inspect(bundle: Path) -> None:
     """Print a bundle's manifest summary and re-check every file's checksum."""
-    from mobile_export.bundle import read_manifest, verify_checksums
+    from mobile_export.bundle import checksum_error, read_manifest, verify_checksums
     from mobile_export.report import print_manifest
 
     manifest = read_manifest(bundle)
     problems = verify_checksums(bundle, manifest)
     print_manifest(bundle, manifest, problems)
     if problems:
-        raise UserError(
-            f"bundle {bundle} failed its checksum check: {problems[0]}", hint="rebuild or re-copy the bundle"
-        )
+        raise checksum_error(bundle, problems)
 
 
 @main.command()

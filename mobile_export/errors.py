@@ -22,3 +22,12 @@ class VerificationError(UserError):
     """The artifact does not match the original model within tolerance."""
 
     exit_code = 3
+
+
+def describe_validation_error(error) -> str:
+    """A pydantic ValidationError as "key 'a.b': what was expected (and N more)"."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"key '{key}': {message}{extra}"

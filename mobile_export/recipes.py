@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mobile_export.errors import UserError
+from mobile_export.errors import UserError, describe_validation_error
 
 TARGETS: tuple[str, ...] = ("android", "ios")
 # Backends a target can name, in preference order. Which of them this version can build is
@@ -135,14 +135,6 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-def _format_validation_error(path: Path, error: ValidationError) -> UserError:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return UserError(f"{path}: key '{key}': {message}{extra}", hint="fix the recipe file")
-
-
 def load_recipe_file(path: Path) -> Recipe:
     """Parse and validate one recipe file."""
     try:
@@ -158,7 +150,7 @@ def load_recipe_file(path: Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation_error(path, exc) from exc
+        raise UserError(f"{path}: {describe_validation_error(exc)}", hint="fix the recipe file") from exc
     if path.parent == recipes_dir() and recipe.name != path.stem:
         raise UserError(f"{path}: key 'name': '{recipe.name}' differs from the file name '{path.stem}'")
     return recipe
@@ -217,6 +209,6 @@ def recipe_from_model_config(config_dict: dict, name: str) -> Recipe:
             targets=targets,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"cannot use this model folder ({key}: {first['msg']})", hint="pass a recipe") from exc
+        raise UserError(
+            f"cannot use this model folder: {describe_validation_error(exc)}", hint="pass a recipe"
+        ) from exc

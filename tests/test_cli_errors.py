@@ -18,9 +18,10 @@ import torch
 import transformers
 import yaml
 from click.testing import CliRunner, Result
+from fake_bundles import make_manifest
 from safetensors.torch import save_file
 
-from mobile_export.bundle import Manifest, ModelInfo, TensorSpec, TokenizerInfo, write_manifest
+from mobile_export.bundle import ModelInfo, TokenizerInfo, write_manifest
 from mobile_export.cli import main
 from mobile_export.modeling import SUPPORTED_MODEL_TYPES
 from mobile_export.sources import DEMO_TOKENIZER_DIR
@@ -309,19 +310,8 @@ def fake_bundle(tmp_path) -> Path:
     folder.mkdir()
     (folder / "model.pte").write_bytes(b"PTE" * 100)
     shutil.copy(DEMO_TOKENIZER_DIR / "tokenizer.json", folder / "tokenizer.json")
-    manifest = Manifest(
-        created_at="2025-01-01T00:00:00+00:00",
-        tool={"name": "mobile-export", "version": "0.1.0"},
-        versions={"python": "3.11.0"},
+    manifest = make_manifest(
         model=ModelInfo(name="demo", architecture="llama", parameters=2_500_000, weights="random"),
-        recipe={"name": "demo", "sha256": "0" * 64},
-        target="android",
-        backend="xnnpack",
-        artifact={"file": "model.pte", "format": "executorch-pte"},
-        quantization={"scheme": "8da4w", "group_size": 32, "embedding": "int8", "bits_per_weight": 4.5},
-        context_length=512,
-        inputs=[TensorSpec(name="tokens", dtype="int64", shape=[1, "seq_len"])],
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=[1, 1024])],
         tokenizer=TokenizerInfo(files=["tokenizer.json"], bos_id=0, eos_ids=[1]),
     )
     write_manifest(folder, manifest)
