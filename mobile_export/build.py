@@ -22,11 +22,11 @@ from mobile_export import __version__
 from mobile_export.bundle import (
     Manifest,
     ModelInfo,
-    TensorSpec,
     TokenizerInfo,
     bundle_name,
     check_destination,
     staged_bundle,
+    tree_bytes,
     write_manifest,
     write_zip,
 )
@@ -36,22 +36,10 @@ from mobile_export.memory import release_memory
 from mobile_export.quantize import QuantReport, QuantSpec, quantize_embedding, quantize_module, untie_lm_head
 from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
 from mobile_export.sources import SourceOptions, load_source
-from mobile_export.targets import get_backend
-from mobile_export.verify import (
-    BF16_REFERENCE_THRESHOLDS,
-    FIXED_PROMPTS,
-    FP32_THRESHOLDS,
-    LOWERING_THRESHOLDS,
-    QUANT_COST_THRESHOLDS,
-    Comparison,
-    compare,
-    enforce,
-    reference_logits,
-    stepped_logits,
-    token_sequences,
-)
+from mobile_export.targets import BackendOptions, ExportInfo, VerifyContext, get_backend
+from mobile_export.verify import Comparison, enforce, reference_logits, stepped_logits, token_sequences
 
-VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "tokenizers")
+VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "coremltools", "transformers", "tokenizers")
 
 
 @dataclass
@@ -74,6 +62,10 @@ class BuildRequest:
     trust_remote_code: bool = False
     keep_unverified: bool = False
     revision: str | None = None
+    compute_units: str | None = None
+    min_ios: str | None = None
+    kv_budget_mb: float | None = None
+    compile_mlmodelc: bool = False
 
 
 @dataclass
@@ -125,9 +117,10 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
     target = recipe.target(request.target)
     settings = target.quant if target.backend == backend.name else backend.default_quant
     scheme = request.quant if request.quant is not None else settings.scheme
+    backend.check(request.target, scheme)
     embedding = request.embedding_quant if request.embedding_quant is not None else settings.embedding
     group_size = request.group_size if request.group_size is not None else settings.group_size
-    return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding)
+    return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding, weight_only=backend.weight_only)
 
 
 def context_length(recipe: Recipe, request: BuildRequest) -> int:
@@ -144,40 +137,34 @@ def context_length(recipe: Recipe, request: BuildRequest) -> int:
     return length
 
 
-def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, ui: StepUI):
-    """Wrap the original model for export and quantize it one decoder layer at a time."""
+def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, backend, ui: StepUI):
+    """Wrap the original model for export, one decoder layer at a time: cast to the backend's
+    dtype, and quantize with torchao when the backend takes torch-side quantization."""
     from mobile_export.modeling import ExportableDecoder
 
-    decoder = ExportableDecoder(source_model, max_seq_len).eval()
+    decoder = ExportableDecoder(source_model, max_seq_len, attention=backend.attention).eval()
     report = QuantReport()
-    if spec.is_quantized:
+    torch_quant = backend.quantizes_in_torch and spec.is_quantized
+    if torch_quant:
         untie_lm_head(decoder.lm_head, decoder.embed_tokens)
     total = len(decoder.layers)
     for index, layer in enumerate(decoder.layers):
         ui.update(f"layer {index + 1}/{total}")
-        quantize_module(layer, spec, report, prefix=f"layers.{index}.")
+        if backend.quantizes_in_torch:
+            quantize_module(layer, spec, report, prefix=f"layers.{index}.")
+        else:
+            layer.to(backend.weight_dtype)
         release_memory()
-    head = torch.nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
-    quantize_module(head, spec, report)
-    decoder.lm_head = head["lm_head"]
-    quantize_embedding(decoder.embed_tokens, spec, report)
+    if backend.quantizes_in_torch:
+        head = torch.nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
+        quantize_module(head, spec, report)
+        decoder.lm_head = head["lm_head"]
+        quantize_embedding(decoder.embed_tokens, spec, report)
     decoder.prepare_for_export()
+    if not backend.quantizes_in_torch:
+        decoder.to(backend.weight_dtype)
     release_memory()
     return decoder, report
-
-
-def _tensor_specs(decoder, vocab_size: int) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
-    inputs = [
-        TensorSpec(name="tokens", dtype="int64", shape=[1, "seq_len"]),
-        TensorSpec(name="input_pos", dtype="int64", shape=[1]),
-    ]
-    outputs = [TensorSpec(name="logits", dtype="float32", shape=[1, vocab_size])]
-    states = []
-    for index, layer in enumerate(decoder.layers):
-        for kind in ("k_cache", "v_cache"):
-            buf = getattr(layer.self_attn, kind)
-            states.append(TensorSpec(name=f"layers.{index}.{kind}", dtype="float32", shape=list(buf.shape)))
-    return inputs, outputs, states
 
 
 def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | None, list[int], int | None]:
@@ -193,39 +180,45 @@ def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | N
     return getattr(tokenizer, "bos_token_id", None), eos, getattr(tokenizer, "pad_token_id", None)
 
 
-RUNNER_CHECK_TOKENS = 8
+def kv_cache_bytes(config: dict, max_seq_len: int, bytes_per_value: int) -> int | None:
+    """Bytes of a static KV cache for a transformers config dict (keys and values, every layer);
+    None when the config lacks the usual keys (the architecture check then explains)."""
+    if not all(k in config for k in ("num_attention_heads", "num_hidden_layers", "hidden_size")):
+        return None
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * max_seq_len * bytes_per_value
 
 
-def host_greedy_tokens(runtime, tokenizer, eos: list[int]) -> list[int]:
-    """Greedy tokens our host stepping generates for the runner check's prompt."""
-    from mobile_export.generate import generate
+def check_kv_budget(recipe: Recipe, request: BuildRequest, max_seq_len: int, backend) -> int | None:
+    """The KV cache's size in bytes, refused when above the budget (command line, else recipe)."""
+    budget = request.kv_budget_mb if request.kv_budget_mb is not None else recipe.target(request.target).kv_budget_mb
+    size = kv_cache_bytes(recipe.config, max_seq_len, torch.finfo(backend.cache_dtype).bits // 8)
+    if budget is not None and size is not None and size > budget * 2**20:
+        fits = max(1, int(budget * 2**20 // (size // max_seq_len)))
+        raise UserError(
+            f"the KV cache needs {size / 2**20:.3g} MB for {max_seq_len} tokens, over the {budget:g} MB budget",
+            hint=f"use --context-length {fits} or less, or raise --kv-budget-mb",
+        )
+    return size
 
-    ids = list(tokenizer(FIXED_PROMPTS[0])["input_ids"])
-    return generate(runtime.step, ids, RUNNER_CHECK_TOKENS, set(eos), runtime.max_seq_len).tokens
 
-
-def check_runner(pte: Path, stage: Path, tokenizer, eos: list[int], host_tokens: list[int]) -> dict:
-    """Generate with ExecuTorch's C++ LLM runner; its text must equal our host run's.
-
-    Proves the .pte's metadata methods and I/O follow the runner's conventions, so the
-    runners in ExecuTorch's Android/iOS libraries load it unchanged.
-    """
-    from mobile_export.runtimes.executorch import runner_generate
-
-    prompt = FIXED_PROMPTS[0]
-    new_tokens = RUNNER_CHECK_TOKENS
-    ids = list(tokenizer(prompt)["input_ids"])
-    num_bos = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
-    our_text = tokenizer.decode([t for t in host_tokens if t not in eos], skip_special_tokens=True)
-    runner_text, stats = runner_generate(pte, stage / "tokenizer.json", prompt, new_tokens, num_bos)
-    result = {"prompt": prompt, "new_tokens": new_tokens, "num_bos": num_bos, "stats": stats}
-    if runner_text is None:
-        result["status"] = "loaded and generated; text not compared (runner passed a partial UTF-8 piece)"
-    elif runner_text == our_text:
-        result["status"] = f"ok, same {len(host_tokens)} greedy tokens"
-    else:
-        result["status"] = f"FAILED: runner wrote {runner_text[:40]!r}, host run {our_text[:40]!r}"
-    return result
+def backend_options(recipe: Recipe, request: BuildRequest, backend) -> BackendOptions:
+    """Compute units and deployment target: command line first, then the recipe's target (whose
+    values are for its own backend, so they are dropped when another backend takes no options)."""
+    settings = recipe.target(request.target)
+    if not backend.accepts_options:
+        return BackendOptions(
+            compute_units=request.compute_units,
+            deployment_target=request.min_ios,
+            compile_mlmodelc=request.compile_mlmodelc or None,
+        )
+    return BackendOptions(
+        compute_units=request.compute_units or settings.compute_units,
+        deployment_target=request.min_ios or settings.min_ios,
+        compile_mlmodelc=request.compile_mlmodelc or None,
+    )
 
 
 def build(request: BuildRequest, ui: StepUI) -> BuildResult:
@@ -237,11 +230,13 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     backend = get_backend(backend_name)
     spec = quant_spec(recipe, request, backend)
     backend.check(request.target, spec.scheme)
+    options = backend.check_options(backend_options(recipe, request, backend), spec)
     max_seq_len = context_length(recipe, request)
+    kv_bytes = check_kv_budget(recipe, request, max_seq_len, backend)
     name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
     final_dir = request.output_dir / name
     check_destination(final_dir, request.force)
-    options = SourceOptions(
+    source_options = SourceOptions(
         model_path=request.model_path,
         random_weights=request.random_weights,
         seed=request.seed,
@@ -251,7 +246,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     )
 
     with ui.step(f"Load {recipe.name}"):
-        source = load_source(recipe, options)
+        source = load_source(recipe, source_options)
     for note in source.notes:
         ui.note(note)
     tokenizer = source.tokenizer
@@ -263,9 +258,9 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         reference = reference_logits(source.model, sequences)
 
     with ui.step(f"Prepare and quantize ({spec.label})"):
-        decoder, report = convert(source.model, spec, max_seq_len, ui)
+        decoder, report = convert(source.model, spec, max_seq_len, backend, ui)
         lowering_ref = None
-        if spec.is_quantized:
+        if spec.is_quantized and backend.quantizes_in_torch:
             ui.update("eager run of the quantized model")
             lowering_ref = stepped_logits(decoder.step, sequences)
             decoder.reset_cache()
@@ -275,57 +270,77 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     release_memory()
 
     bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer)
-    from mobile_export.targets.xnnpack import runner_metadata
-
-    metadata = runner_metadata(
-        max_seq_len=max_seq_len, vocab_size=vocab_size, n_layers=len(decoder.layers), bos_id=bos, eos_ids=eos
+    info = ExportInfo(
+        model_name=recipe.name,
+        hf_id=source.hf_id or recipe.hf_id,
+        revision=source.revision,
+        license=recipe.license,
+        max_seq_len=max_seq_len,
+        vocab_size=vocab_size,
+        n_layers=len(decoder.layers),
+        bos_id=bos,
+        eos_ids=eos,
+        spec=spec,
+        options=options,
     )
-    inputs, outputs, states = _tensor_specs(decoder, vocab_size)
+    inputs, outputs, states = backend.tensor_specs(decoder, vocab_size)
     parameters = source.parameters
     random = source.weights == "random"
 
     with staged_bundle(final_dir, request.force) as stage:
-        with ui.step(f"Export and lower ({backend.name})"):
-            artifact = backend.export(decoder, metadata, stage, ui)
-        del decoder
+        with ui.step(f"Export and convert ({backend.name})"):
+            artifact = backend.export(decoder, info, stage, ui)
+        if not backend.keeps_model:
+            del decoder
+            decoder = None
         release_memory()
 
         tokenizer.save_pretrained(str(stage))
         with ui.step("Verify artifact against the original model"):
-            runtime = backend.open(stage / artifact["file"])
-            got = stepped_logits(runtime.step, sequences)
-            comparisons = []
-            if spec.is_quantized:
-                comparisons.append(
-                    compare("lowering parity (vs eager quantized)", got, lowering_ref, LOWERING_THRESHOLDS)
-                )
-                comparisons.append(
-                    compare(
-                        "quantization cost (vs original)", got, reference, QUANT_COST_THRESHOLDS, enforced=not random
-                    )
-                )
-            else:
-                thresholds = FP32_THRESHOLDS if source.dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
-                comparisons.append(compare("parity (vs original)", got, reference, thresholds))
-            host_tokens = host_greedy_tokens(runtime, tokenizer, eos)
-            del runtime  # one loaded copy of the program at a time
-            release_memory()
-            ui.update("ExecuTorch's LLM runner")
-            runner = check_runner(stage / artifact["file"], stage, tokenizer, eos, host_tokens)
+            ctx = VerifyContext(
+                sequences=sequences,
+                reference=reference,
+                lowering_ref=lowering_ref,
+                tokenizer=tokenizer,
+                eos_ids=eos,
+                spec=spec,
+                weights_meaningful=not random,
+                reference_dtype=source.dtype,
+                ui=ui,
+            )
+            outcome = backend.verify(ctx, stage / artifact["file"], decoder)
+        del decoder
+        release_memory()
+        comparisons = outcome.comparisons
         for comparison in comparisons:
             status = "ok" if comparison.passed else ("FAILED" if comparison.enforced else "recorded, not enforced")
             ui.note(f"{comparison.summary()} [{status}]")
-        ui.note(f"ExecuTorch LLM runner: {runner['status']}")
+        for note in outcome.notes:
+            ui.note(note)
         enforce(comparisons, request.keep_unverified)
-        if runner["status"].startswith("FAILED") and not request.keep_unverified:
+        if outcome.failures and not request.keep_unverified:
             raise VerificationError(
-                f"ExecuTorch's LLM runner disagrees with the host run: {runner['status']}",
+                f"verification failed: {outcome.failures[0]}",
                 hint="nothing was written; pass --keep-unverified to write the bundle anyway",
             )
 
         with ui.step("Write bundle"):
-            tokenizer_files = sorted(p.name for p in stage.iterdir() if p.name != artifact["file"])
-            pte_bytes = (stage / artifact["file"]).stat().st_size
+            artifacts = {artifact["file"], artifact.get("compiled")}
+            tokenizer_files = sorted(p.name for p in stage.iterdir() if p.name not in artifacts)
+            artifact_bytes = tree_bytes(stage / artifact["file"])
+            quantization = {
+                "scheme": spec.scheme,
+                "group_size": spec.group_size if spec.uses_groups else None,
+                "embedding": spec.embedding,
+                "bits_per_weight": round(artifact_bytes * 8 / parameters, 3),
+            }
+            if backend.quantizes_in_torch:
+                quantization.update(
+                    quantized_linears=report.quantized_linears,
+                    quantized_embeddings=report.quantized_embeddings,
+                    fp32_linears=report.skipped_linears or [],
+                )
+            quantization.update(artifact.pop("quantization", {}))
             manifest = Manifest(
                 created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 tool={"name": "mobile-export", "version": __version__},
@@ -342,17 +357,11 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                 recipe={"name": recipe.name, "sha256": recipe_hash(recipe)},
                 target=request.target,
                 backend=backend.name,
+                min_os=artifact.pop("min_os", {}),
                 artifact=artifact,
-                quantization={
-                    "scheme": spec.scheme,
-                    "group_size": spec.group_size if spec.scheme == "8da4w" else None,
-                    "embedding": spec.embedding,
-                    "quantized_linears": report.quantized_linears,
-                    "quantized_embeddings": report.quantized_embeddings,
-                    "fp32_linears": report.skipped_linears or [],
-                    "bits_per_weight": round(pte_bytes * 8 / parameters, 3),
-                },
+                quantization=quantization,
                 context_length=max_seq_len,
+                kv_cache_bytes=kv_bytes,
                 inputs=inputs,
                 outputs=outputs,
                 states=states,
@@ -370,7 +379,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     "weights_meaningful": not random,
                     "reference_dtype": str(source.dtype).removeprefix("torch."),
                     "comparisons": [c.__dict__ for c in comparisons],
-                    "llm_runner": runner,
+                    **outcome.details,
                 },
                 build={
                     "seconds": {k: round(v, 2) for k, v in ui.timings.items()},

@@ -88,6 +88,7 @@ class Manifest(BaseModel):
     artifact: dict
     quantization: dict
     context_length: int
+    kv_cache_bytes: int | None = None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     states: list[TensorSpec] = Field(default_factory=list)
@@ -115,6 +116,13 @@ def file_entries(folder: Path) -> list[FileEntry]:
             continue
         entries.append(FileEntry(path=rel, bytes=path.stat().st_size, sha256=sha256_file(path)))
     return entries
+
+
+def tree_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a folder (an .mlpackage is a folder)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def bundle_name(recipe: str, target: str, backend: str, default_backend: str) -> str:

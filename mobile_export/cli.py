@@ -41,9 +41,13 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", required=False)
 @click.option("--target", "-t", required=True, help="Platform: android or ios.")
-@click.option("--backend", help="Backend (default from the recipe), e.g. xnnpack.")
-@click.option("--quant", help="Weight quantization: fp32, 8da4w or int8 (default from the recipe).")
-@click.option("--group-size", type=int, help="Group size for 8da4w and int4 embeddings: 32, 64 or 128.")
+@click.option("--backend", help="Backend (default from the recipe): xnnpack, coreml or coreml-executorch.")
+@click.option(
+    "--quant",
+    help="Weight quantization (default from the recipe): xnnpack fp32|8da4w|int8; "
+    "coreml fp16|int4|int8|palettize4|palettize6; coreml-executorch fp32|int4|int8.",
+)
+@click.option("--group-size", type=int, help="Group (block) size for 8da4w, int4 and int4 embeddings: 32, 64 or 128.")
 @click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
 @click.option("--context-length", type=int, help="Tokens the KV cache holds (default from the recipe).")
 @click.option("--model-path", type=click.Path(path_type=Path), help="Local Hugging Face model folder.")
@@ -55,6 +59,10 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) checkpoints. Only for files you trust.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder. Only if you trust it.")
 @click.option("--keep-unverified", is_flag=True, help="Write the bundle even if verification fails.")
+@click.option("--compute-units", help="Core ML compute units: all, cpu_only, cpu_and_gpu or cpu_and_ne.")
+@click.option("--min-ios", help="Core ML minimum deployment target, e.g. 18 (states need iOS 18).")
+@click.option("--compile-mlmodelc", is_flag=True, help="Core ML: also write the compiled .mlmodelc (macOS with Xcode).")
+@click.option("--kv-budget-mb", type=float, help="Refuse a build whose KV cache would exceed this many MB.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print the summary.")
 def build(recipe: str | None, target: str, quiet: bool, **options) -> None:
     """Build a verified bundle from RECIPE (or --model-path) for --target."""
@@ -114,6 +122,85 @@ def run(bundle: Path, prompt: str, max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     run_bundle(bundle, prompt, max_new_tokens, out=sys.stdout)
+
+
+# --- device lab: bench and report -------------------------------------------------------------
+
+EXIT_MEASUREMENTS_FAILED = 5  # bench: results written, but some measurements failed
+EXIT_REGRESSION = 4  # report: written, and a metric regressed beyond the plan's threshold
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), required=True, help="Results folder.")
+@click.option("--device", "-d", "devices", multiple=True, help="Only this plan device (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress; only the summary.")
+def bench(plan: Path, out_dir: Path, devices: tuple[str, ...], quiet: bool) -> None:
+    """Run benchmark PLAN (bundles x devices x scenarios) into OUT/results.jsonl.
+
+    Each measurement is appended as it is taken; rerunning resumes, skipping what is measured.
+    Exit status 5 when some measurements failed (they are recorded with their reasons).
+    """
+    from mobile_export.console import StepUI
+    from mobile_export.devicelab.plan import load_plan
+    from mobile_export.devicelab.progress import BenchProgress, print_summary
+    from mobile_export.devicelab.report import group_results
+    from mobile_export.devicelab.runner import run_plan
+
+    loaded, sha = load_plan(plan)
+    progress = BenchProgress(quiet=quiet)
+    try:
+        summary = run_plan(
+            loaded, sha, out_dir, device_names=list(devices), progress=progress, build_ui=StepUI(quiet=quiet)
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted: measurements taken so far are in {out_dir / 'results.jsonl'}; rerun to resume", err=True
+        )
+        sys.exit(130)
+    print_summary(summary, group_results(summary.records))
+    if summary.failed:
+        sys.exit(EXIT_MEASUREMENTS_FAILED)
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--baseline", "-b", type=click.Path(path_type=Path), help="Earlier results folder to compare with.")
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), help="Report folder (default: RESULTS).")
+@click.option("--threshold", "thresholds", multiple=True, help="Override a threshold: METRIC=PERCENT (repeatable).")
+@click.option(
+    "--pytorch-db",
+    type=click.Path(path_type=Path),
+    help="Also write rows in the PyTorch OSS benchmark database format.",
+)
+def report(
+    results: Path, baseline: Path | None, out_dir: Path | None, thresholds: tuple[str, ...], pytorch_db: Path | None
+) -> None:
+    """Write summary.json, report.md and report.html from RESULTS (a folder or results.jsonl).
+
+    With --baseline, changes beyond the plan's thresholds are marked, and the exit status is 4.
+    """
+    from mobile_export.devicelab.report import build_summary, parse_threshold_overrides, write_reports
+    from mobile_export.devicelab.results import read_results, results_path
+
+    current = read_results(results_path(results))
+    if not current.records:
+        raise UserError(f"{current.path} holds no measurements", hint="run 'mobile-export bench PLAN --out DIR' first")
+    base = read_results(results_path(baseline)) if baseline is not None else None
+    summary = build_summary(current, base, parse_threshold_overrides(thresholds))
+    folder = out_dir or (results if results.is_dir() else results.parent)
+    for path in write_reports(summary, folder, pytorch_db):
+        click.echo(f"wrote {path}")
+    for warning in summary["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    for r in summary["regressions"]:
+        click.echo(
+            f"REGRESSION {r['bundle']} on {r['device']} ({r['scenario']}): {r['metric']} "
+            f"{r['change_pct']:+.1f}% (allowed {r['threshold_pct']:g}%)",
+            err=True,
+        )
+    if summary["regressions"]:
+        sys.exit(EXIT_REGRESSION)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ ops (``llama.update_cache`` and ``llama.custom_sdpa``) that XNNPACK builds run f
 
 One method serves prefill and decode: ``forward(tokens[1, T], input_pos[1]) -> logits``,
 with a dynamic ``T``, the calling convention of ExecuTorch's LLM runner.
+
+With ``attention="portable"`` the cache is written with plain slice assignment and read with
+``scaled_dot_product_attention`` over the first ``end`` positions, all positions derived from
+tensor shapes: the form Core ML converts into stateful ``slice_update`` programs (see
+:class:`PortableAttention` and :class:`CoreMLEntry`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 
 from mobile_export.errors import UserError
+
+ATTENTION_KINDS: tuple[str, ...] = ("executorch", "portable")
 
 # Decoder families whose transformers modules this wrapper is tested against. Adding one
 # means adding it to the parity tests first.
@@ -51,9 +58,12 @@ def check_supported(config) -> None:
 
 @dataclass
 class StepContext:
-    """Per-call state shared by all attention layers (the start position of this step)."""
+    """Per-call state shared by all attention layers: the start position of this step, and for
+    portable attention the end position and the caller's additive mask (None: causal)."""
 
     start_pos: object = 0
+    end_pos: object = 0
+    mask: torch.Tensor | None = None
 
 
 def rotate_half_matrix(head_dim: int, rotary_dim: int) -> torch.Tensor:
@@ -96,7 +106,7 @@ class ExportRMSNorm(nn.Module):
         dim = shape[-1]
         flat = x.float().view(1, -1, 1, dim)
         var = flat.pow(2).mean(dim=(2, 3), keepdim=True)
-        out = (flat * torch.rsqrt(var + self.eps)) * self.weight
+        out = ((flat * torch.rsqrt(var + self.eps)) * self.weight).to(x.dtype)
         if len(shape) == 4:
             return out.view(1, -1, shape[2], dim)
         if len(shape) == 3:
@@ -262,6 +272,84 @@ class CachedAttention(nn.Module):
         return self.o_proj(out), None
 
 
+def additive_causal_mask(start_pos, seq: int, end_pos, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[1, 1, T, end] additive mask: query ``start_pos + i`` may see keys ``0 .. start_pos + i``."""
+    q_pos = torch.arange(seq, dtype=torch.long) + start_pos
+    k_pos = torch.arange(end_pos, dtype=torch.long)
+    allowed = q_pos[:, None] >= k_pos[None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    return mask[None, None]
+
+
+def apply_rope_sliced(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotary embedding with rotate-half written as slices (converters that slice freely, e.g. Core ML).
+
+    Same layout as :func:`apply_rope`; dims past ``rotary_dim`` have sin 0, so whatever the
+    rotated term holds there is multiplied away.
+    """
+    half = rotary_dim // 2
+    rotated = torch.cat([-x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class PortableAttention(CachedAttention):
+    """Attention over a static cache laid out [1, n_kv_heads, max_seq_len, head_dim], in plain ops.
+
+    Keys/values are written with slice assignment at ``start:end`` and attention reads the
+    first ``end`` cache rows, with an additive mask (given, or causal). Start and end may be
+    traced sizes, so converters see shape arithmetic rather than data-dependent indexing.
+    The cache has the model's dtype (fp16 for Core ML, whose states are fp16).
+    """
+
+    def __init__(self, hf_attn: nn.Module, config, max_seq_len: int, ctx: StepContext, dtype: torch.dtype):
+        super().__init__(hf_attn, config, max_seq_len, ctx)
+        self.rotary_dim = self.head_dim  # set by the decoder from its rope tables
+        shape = (1, self.n_kv_heads, max_seq_len, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def _expand_kv(self, cache: torch.Tensor, end) -> torch.Tensor:
+        groups = self.n_heads // self.n_kv_heads
+        kv = cache[:, :, :end]
+        if groups == 1:
+            return kv
+        kv = kv[:, :, None].expand(1, self.n_kv_heads, groups, kv.shape[2], self.head_dim)
+        return kv.reshape(1, self.n_heads, -1, self.head_dim)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **_) -> tuple:
+        seq = hidden_states.shape[1]
+        q, k, v = self._project(hidden_states)
+        cos, sin, _ = position_embeddings
+        q, k = apply_rope_sliced(q, cos, sin, self.rotary_dim), apply_rope_sliced(k, cos, sin, self.rotary_dim)
+        start, end = self.ctx.start_pos, self.ctx.end_pos
+        self.k_cache[:, :, start:end] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[:, :, start:end] = v.transpose(1, 2).to(self.v_cache.dtype)
+        q = q.transpose(1, 2)
+        # The explicit casts keep converter dtypes aligned (Core ML reads fp16 states).
+        keys = self._expand_kv(self.k_cache, end).to(q.dtype)
+        values = self._expand_kv(self.v_cache, end).to(q.dtype)
+        mask = self.ctx.mask if self.ctx.mask is not None else additive_causal_mask(start, seq, end, q.dtype)
+        mask = mask.to(q.dtype)
+        if self.sliding_window is not None:
+            q_pos = torch.arange(seq, dtype=torch.long) + start
+            k_pos = torch.arange(end, dtype=torch.long)
+            too_far = (q_pos[:, None] - k_pos[None, :]) >= self.sliding_window
+            mask = mask.masked_fill(too_far[None, None], float("-inf"))
+        if self.softcap is not None:
+            scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling
+            scores = torch.tanh(scores / self.softcap) * self.softcap + mask
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
+        else:
+            # SDPA's default scale is 1/sqrt(head_dim); other scalings (Gemma) go into q, since
+            # Core ML's converter cannot take an explicit scale with fp16 inputs.
+            correction = self.scaling * math.sqrt(self.head_dim)
+            if abs(correction - 1.0) > 1e-6:
+                q = q * correction
+            out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(1, seq, self.n_heads * self.head_dim)
+        return self.o_proj(out), None
+
+
 def _rope_tables(
     rotary_cls: type, config, max_seq_len: int, head_dim: int
 ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -309,11 +397,15 @@ class ExportableDecoder(nn.Module):
     tokens' keys/values at ``input_pos[0]`` and returns the logits of the last token.
     """
 
-    def __init__(self, hf_model: nn.Module, max_seq_len: int):
+    def __init__(self, hf_model: nn.Module, max_seq_len: int, attention: str = "executorch"):
         super().__init__()
         config = hf_model.config
         check_supported(config)
-        load_custom_ops()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {attention!r}")
+        if attention == "executorch":
+            load_custom_ops()
+        self.attention = attention
         self.config = config
         self.max_seq_len = max_seq_len
         base = hf_model.model
@@ -342,7 +434,12 @@ class ExportableDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_type = layer_types[i] if (layer_types and None not in key_for_type) else None
             self._rope_keys.append(key_for_type[layer_type])
-            layer.self_attn = CachedAttention(layer.self_attn, config, max_seq_len, self.ctx)
+            if attention == "portable":
+                dtype = next(layer.parameters()).dtype
+                layer.self_attn = PortableAttention(layer.self_attn, config, max_seq_len, self.ctx, dtype)
+                layer.self_attn.rotary_dim = rotary_dim
+            else:
+                layer.self_attn = CachedAttention(layer.self_attn, config, max_seq_len, self.ctx)
             layer.mlp = _split_fused_mlp(layer.mlp)
 
     def prepare_for_export(self) -> None:
@@ -350,9 +447,10 @@ class ExportableDecoder(nn.Module):
         _replace_norms(self)
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
-        """Eager call in the runner's convention: feed ``tokens`` at ``start_pos``, get logits [vocab]."""
+        """Eager call in the runner's convention: feed ``tokens`` at ``start_pos``, get logits [vocab] (fp32)."""
         with torch.no_grad():
-            return self(torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long))[0]
+            ids = torch.tensor([tokens], dtype=torch.long)
+            return self.run(ids, start_pos, start_pos + len(tokens))[0].float()
 
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (eager use between independent sequences)."""
@@ -366,12 +464,25 @@ class ExportableDecoder(nn.Module):
         torch._check(start_pos >= 0)
         torch._check(start_pos < self.max_seq_len)
         torch._check(start_pos + seq <= self.max_seq_len)
+        return self.run(tokens, start_pos, start_pos + seq)
+
+    def run(self, tokens: torch.Tensor, start_pos, end_pos, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tokens`` at positions ``start_pos .. end_pos - 1``; return the last token's logits.
+
+        ``mask`` (portable attention only) is an additive [1, 1, T, end_pos] mask; None means causal.
+        """
+        seq = tokens.shape[1]
         self.ctx.start_pos = start_pos
+        self.ctx.end_pos = end_pos
+        self.ctx.mask = mask
         hidden = self.embed_tokens(tokens)
         rope = {}
         for key in sorted(set(self._rope_keys)):
-            cos = getattr(self, f"{key}_cos").narrow(0, start_pos, seq)
-            sin = getattr(self, f"{key}_sin").narrow(0, start_pos, seq)
+            cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
+            if self.attention == "portable":  # Core ML converts slices with traced bounds, not narrow
+                cos, sin = cos[start_pos:end_pos], sin[start_pos:end_pos]
+            else:
+                cos, sin = cos.narrow(0, start_pos, seq), sin.narrow(0, start_pos, seq)
             rope[key] = (cos, sin, self.rope_rot)
         for layer, key in zip(self.layers, self._rope_keys, strict=True):
             out = layer(hidden, position_embeddings=rope[key], attention_mask=None, position_ids=None)
@@ -380,7 +491,28 @@ class ExportableDecoder(nn.Module):
         logits = self.lm_head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        self.ctx.mask = None
         return logits
+
+
+class CoreMLEntry(nn.Module):
+    """Core ML calling convention over a portable-attention decoder.
+
+    ``forward(input_ids: int32[1, T], causal_mask: fp16[1, 1, T, end]) -> logits[1, vocab]``:
+    the T tokens sit at positions ``end - T .. end - 1``, so the cache positions come from the
+    two inputs' shapes (both flexible), and the caller's mask decides what each query sees.
+    """
+
+    def __init__(self, decoder: ExportableDecoder):
+        super().__init__()
+        if decoder.attention != "portable":
+            raise ValueError("Core ML needs a decoder built with attention='portable'")
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        end = causal_mask.shape[-1]
+        return self.decoder.run(input_ids, end - seq, end, causal_mask)
 
 
 def example_inputs(max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

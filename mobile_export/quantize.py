@@ -1,8 +1,8 @@
 """Quantization schemes by name, applied with torchao so XNNPACK lowering recognises them.
 
-Schemes (``--quant``):
+Schemes (``--quant``); each backend accepts a subset (see ``Backend.schemes``):
 
-- ``fp32``: no weight quantization.
+- ``fp32`` / ``fp16``: no weight quantization (fp16: Core ML's storage and compute precision).
 - ``8da4w``: int8 dynamic per-token activations, int4 symmetric weights in groups of
   ``group_size`` (32/64/128) along the input dimension. XNNPACK runs this as qd8-qb4w.
 - ``int8``: int8 symmetric per-channel weights. XNNPACK runs them as qd8-qc8w: activations
@@ -25,7 +25,8 @@ from torch import nn
 
 from mobile_export.errors import UserError
 
-LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "8da4w", "int8")
+LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "fp16", "8da4w", "int8", "int4", "palettize4", "palettize6")
+UNQUANTIZED: tuple[str, ...] = ("fp32", "fp16")
 EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
@@ -37,6 +38,7 @@ class QuantSpec:
     scheme: str = "8da4w"
     group_size: int = 32
     embedding: str = "none"
+    weight_only: bool = False  # int8 without dynamic activation quantization (Core ML delegates)
 
     def __post_init__(self) -> None:
         if self.scheme not in LINEAR_SCHEMES:
@@ -58,13 +60,19 @@ class QuantSpec:
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. '8da4w-g32 + emb int8'."""
-        linear = f"{self.scheme}-g{self.group_size}" if self.scheme == "8da4w" else self.scheme
+        grouped = {"8da4w": "g", "int4": "b"}
+        linear = f"{self.scheme}-{grouped[self.scheme]}{self.group_size}" if self.scheme in grouped else self.scheme
         return linear if self.embedding == "none" else f"{linear} + emb {self.embedding}"
 
     @property
     def is_quantized(self) -> bool:
         """Whether any weight is stored below fp32."""
-        return self.scheme != "fp32" or self.embedding != "none"
+        return self.scheme not in UNQUANTIZED or self.embedding != "none"
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether ``group_size`` means anything for the linear scheme."""
+        return self.scheme in ("8da4w", "int4")
 
 
 @dataclass
@@ -77,9 +85,13 @@ class QuantReport:
 
 
 def _linear_config(spec: QuantSpec):
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
+    if spec.scheme == "int4":  # weight-only, for delegates that dequantize on the fly (Core ML)
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(spec.group_size))
+    if spec.scheme == "int8" and spec.weight_only:
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     if spec.scheme == "8da4w":
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(spec.group_size)
@@ -97,7 +109,7 @@ def _embedding_config(spec: QuantSpec):
 
 
 def _linear_fits(spec: QuantSpec, module: nn.Linear) -> bool:
-    return spec.scheme != "8da4w" or module.in_features % spec.group_size == 0
+    return not spec.uses_groups or module.in_features % spec.group_size == 0
 
 
 def quantize_module(module: nn.Module, spec: QuantSpec, report: QuantReport, prefix: str = "") -> None:
@@ -109,7 +121,7 @@ def quantize_module(module: nn.Module, spec: QuantSpec, report: QuantReport, pre
     from torchao.quantization import quantize_
 
     module.float()
-    if spec.scheme == "fp32":
+    if spec.scheme in UNQUANTIZED:
         return
     skipped = report.skipped_linears if report.skipped_linears is not None else []
     report.skipped_linears = skipped

@@ -42,11 +42,17 @@ class QuantSettings(_Strict):
     embedding: str = "none"
 
 
+COMPUTE_UNITS: tuple[str, ...] = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+
+
 class TargetSettings(_Strict):
-    """Backend and quantization for one target platform."""
+    """Backend and quantization for one target platform (Core ML also: compute units, minimum iOS)."""
 
     backend: str
     quant: QuantSettings
+    compute_units: Literal["all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"] | None = None
+    min_ios: str | None = Field(default=None, pattern=r"^\d{2}(\.\d)?$")
+    kv_budget_mb: float | None = Field(default=None, gt=0)
 
 
 class Generation(_Strict):
@@ -192,7 +198,7 @@ def recipe_from_model_config(config_dict: dict, name: str) -> Recipe:
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
     targets = {
         "android": TargetSettings(backend="xnnpack", quant=default_quant),
-        "ios": TargetSettings(backend="xnnpack", quant=default_quant),
+        "ios": TargetSettings(backend="coreml", quant=QuantSettings(scheme="int4", group_size=32, embedding="none")),
     }
     max_pos = config_dict.get("max_position_embeddings")
     length = (

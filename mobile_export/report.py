@@ -81,11 +81,10 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
 def print_build_summary(result) -> None:
     """What was written, its size, bits per weight, parity figures and time."""
     manifest = result.manifest
-    artifact = manifest.files[[f.path for f in manifest.files].index(manifest.artifact["file"])]
+    name = manifest.artifact["file"]
+    size = sum(f.bytes for f in manifest.files if f.path == name or f.path.startswith(name + "/"))
     _out.print(f"[bold green]Built[/bold green] {result.bundle}  [dim]({result.seconds:.1f}s)[/dim]")
-    _out.print(
-        f"  artifact    {artifact.path}: {_mb(artifact.bytes)}, {manifest.quantization['bits_per_weight']} bits/weight"
-    )
+    _out.print(f"  artifact    {name}: {_mb(size)}, {manifest.quantization['bits_per_weight']} bits/weight")
     _out.print(f"  zip         {result.zip_path}: {_mb(result.zip_path.stat().st_size)}")
     for comparison in result.comparisons:
         _out.print(f"  parity      {comparison.summary()}")

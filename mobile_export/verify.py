@@ -56,6 +56,8 @@ class Thresholds:
 FP32_THRESHOLDS = Thresholds(max_abs_rel=1e-3, min_cosine=0.9999)
 BF16_REFERENCE_THRESHOLDS = Thresholds(max_abs_rel=5e-2, min_cosine=0.999)
 LOWERING_THRESHOLDS = Thresholds(min_cosine=0.98)
+# fp32 compute over fp16-rounded weights (the module a Core ML package was converted from)
+FP16_WEIGHT_THRESHOLDS = Thresholds(max_abs_rel=1e-2, min_cosine=0.9995)
 QUANT_COST_THRESHOLDS = Thresholds(min_cosine=0.95, min_top1=0.6)
 
 
@@ -163,3 +165,30 @@ def enforce(comparisons: list[Comparison], keep_anyway: bool) -> None:
             f"verification failed, {first.name}: {'; '.join(first.failures)}",
             hint="nothing was written; pass --keep-unverified to write the bundle anyway",
         )
+
+
+def standard_comparisons(got: list[torch.Tensor], ctx) -> list[Comparison]:
+    """The comparisons every runnable artifact gets (``ctx`` is a targets.VerifyContext).
+
+    Quantized: lowering parity against the same quantized model run eagerly (when the
+    quantization was applied in PyTorch) and quantization cost against the original. Otherwise
+    parity against the original at fp32 (or bf16-reference) tolerance.
+    """
+    if ctx.spec.is_quantized:
+        comparisons = []
+        if ctx.lowering_ref is not None:
+            comparisons.append(
+                compare("lowering parity (vs eager quantized)", got, ctx.lowering_ref, LOWERING_THRESHOLDS)
+            )
+        comparisons.append(
+            compare(
+                "quantization cost (vs original)",
+                got,
+                ctx.reference,
+                QUANT_COST_THRESHOLDS,
+                enforced=ctx.weights_meaningful,
+            )
+        )
+        return comparisons
+    thresholds = FP32_THRESHOLDS if ctx.reference_dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
+    return [compare("parity (vs original)", got, ctx.reference, thresholds)]

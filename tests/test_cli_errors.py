@@ -123,7 +123,7 @@ def test_unknown_target(out):
 def test_unknown_quantization(out):
     line = build_error(out, "demo", "--target", "android", "--quant", "3bit")
     assert "unknown quantization scheme '3bit'" in line
-    assert "fp32, 8da4w, int8" in line
+    assert "fp32, 8da4w, int8" in line and "xnnpack" in line
 
 
 def test_unknown_embedding_quantization(out):
@@ -154,21 +154,21 @@ def test_context_length_too_small(out):
 def test_unknown_backend_suggests_close_name(out):
     line = build_error(out, "demo", "--target", "android", "--backend", "xnpack")
     assert "backend 'xnpack'" in line
-    assert "available: xnnpack" in line
+    assert "available: coreml, coreml-executorch, xnnpack" in line
     assert "did you mean 'xnnpack'" in line
 
 
 def test_backend_not_available_in_this_version(out):
-    line = build_error(out, "demo", "--target", "ios", "--backend", "coreml")
-    assert "unavailable backend 'coreml'" in line
-    assert "available: xnnpack" in line
+    line = build_error(out, "demo", "--target", "ios", "--backend", "onnx")
+    assert "unavailable backend 'onnx'" in line
+    assert "available: coreml, coreml-executorch, xnnpack" in line
 
 
-def test_recipe_default_backend_not_available(out):
-    # smollm2-135m's iOS settings name Core ML, which this version cannot build; refused before any download.
-    line = build_error(out, "smollm2-135m", "--target", "ios")
-    assert "unavailable backend 'coreml'" in line
-    assert "available: xnnpack" in line
+def test_backend_for_the_wrong_target(out):
+    # refused before any download
+    line = build_error(out, "smollm2-135m", "--target", "android", "--backend", "coreml")
+    assert "backend 'coreml' cannot build for target 'android'" in line
+    assert "it builds for: ios" in line
 
 
 # --- the bad values below are accepted silently today ------------------------------------------

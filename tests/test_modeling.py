@@ -21,14 +21,18 @@ def test_every_supported_type_is_tested():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("prepared", [False, True], ids=["hf-norms", "export-norms"])
-def test_cached_steps_match_full_forward(arch, prepared):
+@pytest.mark.parametrize(
+    "prepared,attention",
+    [(False, "executorch"), (True, "executorch"), (True, "portable")],
+    ids=["hf-norms", "export-norms", "portable-attention"],
+)
+def test_cached_steps_match_full_forward(arch, prepared, attention):
     model = tiny_model(arch)
     gen = torch.Generator().manual_seed(1)
     seq = torch.randint(2, model.config.vocab_size, (40,), generator=gen).tolist()
     with torch.no_grad():
         ref = model(torch.tensor([seq])).logits[0, 23:].float()
-    decoder = ExportableDecoder(model, max_seq_len=64).eval()
+    decoder = ExportableDecoder(model, max_seq_len=64, attention=attention).eval()
     if prepared:
         decoder.prepare_for_export()
     # prefill 24 tokens, then 16 single-token decode steps: window (16) < positions < context (64)
@@ -66,3 +70,21 @@ def test_unsupported_architecture_is_refused():
         check_supported(transformers.GPT2Config())
     assert "unsupported architecture 'gpt2'" in info.value.one_line()
     assert "llama" in info.value.one_line() and "phi3" in info.value.one_line()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_core_ml_entry_positions_come_from_input_shapes(arch):
+    """CoreMLEntry feeds tokens at ``end - T``: prefill then decode through it equals eager steps."""
+    from mobile_export.modeling import CoreMLEntry, additive_causal_mask
+
+    model = tiny_model(arch)
+    seq = torch.randint(2, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = ExportableDecoder(tiny_model(arch), max_seq_len=48, attention="portable").eval()
+    expected = [ref.step(seq[:20], 0)] + [ref.step([seq[p]], p) for p in range(20, 30)]
+    entry = CoreMLEntry(ExportableDecoder(model, max_seq_len=48, attention="portable").eval())
+    got = []
+    with torch.no_grad():
+        got.append(entry(torch.tensor([seq[:20]]), additive_causal_mask(0, 20, 20))[0])
+        for p in range(20, 30):
+            got.append(entry(torch.tensor([[seq[p]]]), additive_causal_mask(p, 1, p + 1))[0])
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)

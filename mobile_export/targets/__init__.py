@@ -11,13 +11,71 @@ from __future__ import annotations
 import difflib
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from mobile_export.errors import UserError
 
 _REGISTRY: dict[str, type[Backend]] = {}
 # Modules that register backends; imported on first lookup so `--help` stays fast.
-_BACKEND_MODULES = ("mobile_export.targets.xnnpack",)
+_BACKEND_MODULES = (
+    "mobile_export.targets.xnnpack",
+    "mobile_export.targets.coreml",
+    "mobile_export.targets.coreml_executorch",
+)
+
+
+@dataclass
+class BackendOptions:
+    """Per-build settings a backend may use (from the recipe's target, overridden on the command line)."""
+
+    compute_units: str | None = None
+    deployment_target: str | None = None
+    compile_mlmodelc: bool | None = None  # Core ML: also write the compiled .mlmodelc (macOS + Xcode)
+
+
+@dataclass
+class ExportInfo:
+    """What a backend writes into the artifact besides the weights (metadata, special ids)."""
+
+    model_name: str
+    hf_id: str | None
+    revision: str | None
+    license: str
+    max_seq_len: int
+    vocab_size: int
+    n_layers: int
+    bos_id: int | None
+    eos_ids: list[int]
+    spec: object  # QuantSpec
+    options: BackendOptions = field(default_factory=BackendOptions)
+
+
+@dataclass
+class VerifyContext:
+    """Reference figures a backend checks its artifact against."""
+
+    sequences: list[list[int]]
+    reference: list[torch.Tensor]  # original model's logits at every compared position
+    lowering_ref: list[torch.Tensor] | None  # the same quantized model run eagerly (torch-side quantization)
+    tokenizer: object
+    eos_ids: list[int]
+    spec: object  # QuantSpec
+    weights_meaningful: bool
+    reference_dtype: torch.dtype
+    ui: object
+
+
+@dataclass
+class Verification:
+    """What a backend's verification found: comparisons, other failures, manifest details."""
+
+    comparisons: list = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
 
 
 class Backend(ABC):
@@ -29,6 +87,43 @@ class Backend(ABC):
     artifact_file: str = ""
     artifact_format: str = ""
     default_quant = None  # QuantSettings used when a recipe names another backend for the target
+    attention: str = "executorch"  # the ExportableDecoder attention this backend converts
+    quantizes_in_torch: bool = True  # False: the backend compresses weights itself after conversion
+    weight_dtype: torch.dtype = torch.float32  # dtype the decoder layers are converted in
+    cache_dtype: torch.dtype = torch.float32  # KV-cache element type on device
+    keeps_model: bool = False  # verify() needs the eager decoder after export
+    weight_only: bool = False  # int8 means weight-only (no dynamic activation quantization)
+    accepts_options: bool = False  # takes --compute-units / --min-ios
+
+    def check_options(self, options: BackendOptions, spec) -> BackendOptions:
+        """Validate and fill in backend options; the default backend takes none."""
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(options).items() if v is not None]
+        if given and not self.accepts_options:
+            raise UserError(
+                f"backend '{self.name}' takes no {', '.join(given)}", hint="only Core ML backends use these options"
+            )
+        return options
+
+    def tensor_specs(self, decoder, vocab_size: int) -> tuple[list, list, list]:
+        """Inputs, outputs and states of the artifact (ExecuTorch runner convention by default)."""
+        from mobile_export.bundle import TensorSpec
+
+        inputs = [
+            TensorSpec(name="tokens", dtype="int64", shape=[1, "seq_len"]),
+            TensorSpec(name="input_pos", dtype="int64", shape=[1]),
+        ]
+        outputs = [TensorSpec(name="logits", dtype="float32", shape=[1, vocab_size])]
+        states = []
+        for index, layer in enumerate(decoder.layers):
+            for kind in ("k_cache", "v_cache"):
+                buf = getattr(layer.self_attn, kind)
+                dtype = str(buf.dtype).removeprefix("torch.")
+                states.append(TensorSpec(name=f"layers.{index}.{kind}", dtype=dtype, shape=list(buf.shape)))
+        return inputs, outputs, states
+
+    @abstractmethod
+    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+        """Check the written artifact; ``decoder`` is the eager model when ``keeps_model``, else None."""
 
     def check(self, target: str, scheme: str) -> None:
         """Refuse a target or scheme this backend cannot do, listing what it can."""
@@ -37,6 +132,13 @@ class Backend(ABC):
                 f"backend '{self.name}' cannot build for target '{target}'",
                 hint="it builds for: " + ", ".join(self.targets),
             )
+        from mobile_export.quantize import LINEAR_SCHEMES
+
+        if scheme not in LINEAR_SCHEMES:
+            raise UserError(
+                f"unknown quantization scheme '{scheme}'",
+                hint=f"backend '{self.name}' can do: " + ", ".join(self.schemes),
+            )
         if scheme not in self.schemes:
             raise UserError(
                 f"backend '{self.name}' cannot do quantization '{scheme}'",
@@ -44,7 +146,7 @@ class Backend(ABC):
             )
 
     @abstractmethod
-    def export(self, model, metadata: dict, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
         """Write the artifact into ``out_dir``; return facts for the manifest."""
 
     @abstractmethod

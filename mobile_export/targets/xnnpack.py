@@ -17,30 +17,63 @@ import torch
 
 from mobile_export.memory import release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
-from mobile_export.quantize import LINEAR_SCHEMES
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchDecoder
-from mobile_export.targets import Backend, register
+from mobile_export.targets import Backend, ExportInfo, Verification, VerifyContext, register
+from mobile_export.verify import FIXED_PROMPTS, standard_comparisons, stepped_logits
 
 
-def runner_metadata(
-    *, max_seq_len: int, vocab_size: int, n_layers: int, bos_id: int | None, eos_ids: list[int]
-) -> dict:
+def runner_metadata(info: ExportInfo, *, sdpa_with_kv_cache: bool = True) -> dict:
     """Constant methods ExecuTorch's LLM runner reads from a .pte."""
     metadata = {
-        "get_max_seq_len": max_seq_len,
-        "get_max_context_len": max_seq_len,
-        "get_vocab_size": vocab_size,
-        "get_n_layers": n_layers,
+        "get_max_seq_len": info.max_seq_len,
+        "get_max_context_len": info.max_seq_len,
+        "get_vocab_size": info.vocab_size,
+        "get_n_layers": info.n_layers,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": True,
+        "use_sdpa_with_kv_cache": sdpa_with_kv_cache,
         "enable_dynamic_shape": True,
     }
-    if bos_id is not None:
-        metadata["get_bos_id"] = bos_id
-    if eos_ids:
-        metadata["get_eos_ids"] = list(eos_ids)
+    if info.bos_id is not None:
+        metadata["get_bos_id"] = info.bos_id
+    if info.eos_ids:
+        metadata["get_eos_ids"] = list(info.eos_ids)
     return metadata
+
+
+RUNNER_CHECK_TOKENS = 8
+
+
+def host_greedy_tokens(runtime, tokenizer, eos: list[int]) -> list[int]:
+    """Greedy tokens our host stepping generates for the runner check's prompt."""
+    from mobile_export.generate import generate
+
+    ids = list(tokenizer(FIXED_PROMPTS[0])["input_ids"])
+    return generate(runtime.step, ids, RUNNER_CHECK_TOKENS, set(eos), runtime.max_seq_len).tokens
+
+
+def check_runner(pte: Path, tokenizer_file: Path, tokenizer, eos: list[int], host_tokens: list[int]) -> dict:
+    """Generate with ExecuTorch's C++ LLM runner; its text must equal our host run's.
+
+    Proves the .pte's metadata methods and I/O follow the runner's conventions, so the
+    runners in ExecuTorch's Android/iOS libraries load it unchanged.
+    """
+    from mobile_export.runtimes.executorch import runner_generate
+
+    prompt = FIXED_PROMPTS[0]
+    new_tokens = RUNNER_CHECK_TOKENS
+    ids = list(tokenizer(prompt)["input_ids"])
+    num_bos = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
+    our_text = tokenizer.decode([t for t in host_tokens if t not in eos], skip_special_tokens=True)
+    runner_text, stats = runner_generate(pte, tokenizer_file, prompt, new_tokens, num_bos)
+    result = {"prompt": prompt, "new_tokens": new_tokens, "num_bos": num_bos, "stats": stats}
+    if runner_text is None:
+        result["status"] = "loaded and generated; text not compared (runner passed a partial UTF-8 piece)"
+    elif runner_text == our_text:
+        result["status"] = f"ok, same {len(host_tokens)} greedy tokens"
+    else:
+        result["status"] = f"FAILED: runner wrote {runner_text[:40]!r}, host run {our_text[:40]!r}"
+    return result
 
 
 # XNNPACK passes that only rewrite ops a decoder LLM graph never contains (convolutions, batch
@@ -100,18 +133,19 @@ class XnnpackBackend(Backend):
 
     name = "xnnpack"
     targets = ("android", "ios")
-    schemes = LINEAR_SCHEMES
+    schemes = ("fp32", "8da4w", "int8")
     artifact_file = "model.pte"
     artifact_format = "executorch-pte"
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
 
-    def export(self, model, metadata: dict, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
         """Export, lower and write ``model.pte``; the model's weights are released on the way."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+        metadata = runner_metadata(info)
         max_seq_len = model.max_seq_len
         ui.update("torch.export")
         program = torch.export.export(
@@ -159,3 +193,21 @@ class XnnpackBackend(Backend):
 
     def open(self, artifact: Path) -> ExecuTorchDecoder:
         return ExecuTorchDecoder(artifact)
+
+    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+        """Step the .pte in ExecuTorch's host runtime, then generate with its C++ LLM runner."""
+        from mobile_export.memory import release_memory
+
+        runtime = self.open(artifact)
+        got = stepped_logits(runtime.step, ctx.sequences)
+        result = Verification(comparisons=standard_comparisons(got, ctx))
+        host_tokens = host_greedy_tokens(runtime, ctx.tokenizer, ctx.eos_ids)
+        del runtime  # one loaded copy of the program at a time
+        release_memory()
+        ctx.ui.update("ExecuTorch's LLM runner")
+        runner = check_runner(artifact, artifact.parent / "tokenizer.json", ctx.tokenizer, ctx.eos_ids, host_tokens)
+        result.details["llm_runner"] = runner
+        result.notes.append(f"ExecuTorch LLM runner: {runner['status']}")
+        if runner["status"].startswith("FAILED"):
+            result.failures.append(f"ExecuTorch's LLM runner disagrees with the host run: {runner['status']}")
+        return result

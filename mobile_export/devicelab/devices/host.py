@@ -1,0 +1,119 @@
+"""The host: the bundle runs in ExecuTorch's runtime in a child process on this machine.
+
+Each measurement is its own process, forked from a server that has already imported PyTorch and
+ExecuTorch (importing them takes seconds and is not what a phone would pay), so every
+repetition loads the bundle cold and its peak resident memory is that process's own, as the OS
+counts it. A measurement past the scenario's ``timeout_s`` is killed and recorded as a timeout.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from ..harness import child_main, harness_argv, runtime_version
+from . import Device, DeviceInfo, Job, Outcome, no_results, outcome_from_results, read_results_file
+
+PRELOAD_MODULE = "mobile_export.devicelab.host_preload"
+
+
+def _noop() -> None:
+    """Target of the process that starts the fork server."""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class HostDevice(Device):
+    """This machine, through the host harness (:mod:`mobile_export.devicelab.harness`)."""
+
+    kind = "host"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._context = None
+        self._workdir: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return f"host:{socket.gethostname()}"
+
+    def connect(self) -> DeviceInfo:
+        """Start the fork server (imports the runtime once) and read the machine's facts."""
+        import psutil
+
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload([PRELOAD_MODULE])
+        starter = self._context.Process(target=_noop)
+        starter.start()
+        starter.join()
+        self._workdir = Path(tempfile.mkdtemp(prefix="mobile-export-host-"))
+        self.info = DeviceInfo(
+            id=socket.gethostname(),
+            model=_cpu_model(),
+            os=platform.system(),
+            os_version=platform.release(),
+            soc=platform.machine(),
+            extra={"cpu_count": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
+            tools={"python": platform.python_version()},
+        )
+        return self.info
+
+    def measure(self, job: Job, repetition: int) -> Outcome:
+        """Fork one measurement process, wait up to the scenario's timeout, read its results file."""
+        assert self._context is not None and self._workdir is not None, "connect() first"
+        stem = f"{job.bundle.name}-{job.scenario.name}-{repetition}"
+        output = self._workdir / f"{stem}.json"
+        log = self._workdir / f"{stem}.log"
+        output.unlink(missing_ok=True)
+        argv = harness_argv(
+            str(job.bundle.path.resolve()),
+            str(job.bundle.prompts[job.scenario.prompt_tokens].resolve()),
+            job.scenario.new_tokens,
+            job.scenario.warmup,
+            str(output),
+        )
+        process = self._context.Process(target=child_main, args=(argv, str(log)), daemon=True)
+        started = time.monotonic()
+        process.start()
+        process.join(job.scenario.timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return Outcome(
+                repetition,
+                "timeout",
+                failure_kind="timeout",
+                reason=f"no result within {job.scenario.timeout_s:g}s; the measurement process was killed",
+                runtime={"name": "executorch", "version": runtime_version()},
+            )
+        elapsed = time.monotonic() - started
+        text = read_results_file(output)
+        log_text = read_results_file(log) or ""
+        if text is None:
+            return no_results(
+                f"harness exited with status {process.exitcode} after {elapsed:.1f}s", repetition, log_text
+            )
+        outcome = outcome_from_results(text, job, repetition)
+        if outcome.status == "ok" and process.exitcode != 0:
+            return no_results(f"harness wrote results but exited with status {process.exitcode}", repetition, log_text)
+        return outcome
+
+    def close(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None

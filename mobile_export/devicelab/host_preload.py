@@ -1,0 +1,13 @@
+"""Imported once by the host device's fork server: PyTorch, ExecuTorch and its kernels, the backends.
+
+Measurement processes are forked from that server, so they start with all of this in memory
+and time only what a phone app would do: load the bundle and generate.
+"""
+
+from mobile_export.devicelab import harness  # noqa: F401
+from mobile_export.generate import generate  # noqa: F401
+from mobile_export.runtimes.executorch import load_runtime_ops
+from mobile_export.targets import available
+
+load_runtime_ops()
+available()
