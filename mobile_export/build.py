@@ -229,7 +229,6 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     backend_name = request.backend or settings.backend
     backend = get_backend(backend_name)
     spec = quant_spec(recipe, request, backend)
-    backend.check(request.target, spec.scheme)
     options = backend.check_options(backend_options(recipe, request, backend), spec)
     max_seq_len = context_length(recipe, request)
     kv_bytes = check_kv_budget(recipe, request, max_seq_len, backend)
@@ -270,9 +269,10 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     release_memory()
 
     bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer)
+    hf_id = source.hf_id or recipe.hf_id
     info = ExportInfo(
         model_name=recipe.name,
-        hf_id=source.hf_id or recipe.hf_id,
+        hf_id=hf_id,
         revision=source.revision,
         license=recipe.license,
         max_seq_len=max_seq_len,
@@ -347,7 +347,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                 versions=package_versions(),
                 model=ModelInfo(
                     name=recipe.name,
-                    hf_id=source.hf_id or recipe.hf_id,
+                    hf_id=hf_id,
                     revision=source.revision,
                     architecture=recipe.architecture,
                     license=recipe.license,

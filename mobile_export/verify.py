@@ -167,22 +167,24 @@ def enforce(comparisons: list[Comparison], keep_anyway: bool) -> None:
         )
 
 
-def standard_comparisons(got: list[torch.Tensor], ctx) -> list[Comparison]:
-    """The comparisons every runnable artifact gets (``ctx`` is a targets.VerifyContext).
+def standard_comparisons(got: list[torch.Tensor], ctx, subject: str = "") -> list[Comparison]:
+    """The comparisons every runnable artifact gets (``ctx`` is a targets.VerifyContext);
+    ``subject`` names what produced ``got`` when it is not the artifact run directly.
 
     Quantized: lowering parity against the same quantized model run eagerly (when the
     quantization was applied in PyTorch) and quantization cost against the original. Otherwise
     parity against the original at fp32 (or bf16-reference) tolerance.
     """
+    prefix = f"{subject} " if subject else ""
     if ctx.spec.is_quantized:
         comparisons = []
         if ctx.lowering_ref is not None:
             comparisons.append(
-                compare("lowering parity (vs eager quantized)", got, ctx.lowering_ref, LOWERING_THRESHOLDS)
+                compare(f"lowering parity ({prefix}vs eager quantized)", got, ctx.lowering_ref, LOWERING_THRESHOLDS)
             )
         comparisons.append(
             compare(
-                "quantization cost (vs original)",
+                f"quantization cost ({prefix}vs original)",
                 got,
                 ctx.reference,
                 QUANT_COST_THRESHOLDS,
@@ -191,4 +193,4 @@ def standard_comparisons(got: list[torch.Tensor], ctx) -> list[Comparison]:
         )
         return comparisons
     thresholds = FP32_THRESHOLDS if ctx.reference_dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
-    return [compare("parity (vs original)", got, ctx.reference, thresholds)]
+    return [compare(f"parity ({prefix}vs original)", got, ctx.reference, thresholds)]

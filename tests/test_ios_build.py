@@ -214,6 +214,10 @@ def test_causal_mask_matches_the_eager_wrapper():
     for start, seq in [(0, 5), (7, 1), (3, 4)]:
         expected = additive_causal_mask(start, seq, start + seq).numpy()
         assert np.array_equal(causal_mask(start, seq).astype(np.float32), expected)
+    # position 3 sees keys 0..3, position 4 sees 0..4
+    mask = causal_mask(3, 2)
+    assert mask.dtype == np.float16 and mask.shape == (1, 1, 2, 5)
+    assert np.array_equal(mask[0, 0], np.array([[0, 0, 0, 0, -np.inf], [0, 0, 0, 0, 0]], dtype=np.float16))
 
 
 @pytest.mark.slow

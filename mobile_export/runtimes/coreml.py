@@ -13,12 +13,11 @@ from mobile_export.errors import UserError
 
 
 def causal_mask(start_pos: int, seq: int) -> np.ndarray:
-    """fp16 [1, 1, seq, start_pos + seq] additive mask: 0 where a query may attend, -inf elsewhere."""
-    end = start_pos + seq
-    q_pos = np.arange(seq)[:, None] + start_pos
-    k_pos = np.arange(end)[None, :]
-    mask = np.where(k_pos <= q_pos, 0.0, -np.inf).astype(np.float16)
-    return mask[None, None]
+    """fp16 [1, 1, seq, start_pos + seq] additive mask: 0 where a query may attend, -inf elsewhere
+    (the same mask the export wrapper builds when it is given none)."""
+    from mobile_export.modeling import additive_causal_mask
+
+    return additive_causal_mask(start_pos, seq, start_pos + seq, torch.float16).numpy()
 
 
 class CoreMLDecoder:

@@ -369,16 +369,14 @@ class CoreMLBackend(Backend):
             result.details["coreml_package"]["weights_loaded_into_pytorch"] = loaded
             decoder.reset_cache()
             package_logits = stepped_logits(decoder.step, ctx.sequences)
-            result.comparisons += standard_comparisons(package_logits, ctx)
-            result.comparisons[-1].name = "quantization cost (package weights in PyTorch vs original)"
+            result.comparisons += standard_comparisons(package_logits, ctx, "package weights in PyTorch")
         del package
         release_memory()
         if platform.system() == "Darwin":
             ui.update("MLModel.predict with state")
             runtime = self.open(artifact)
             on_device = stepped_logits(runtime.step, ctx.sequences)
-            result.comparisons += standard_comparisons(on_device, ctx)
-            result.comparisons[-1].name = "Core ML predict vs original"
+            result.comparisons += standard_comparisons(on_device, ctx, "Core ML predict")
             result.details["coreml_predict"] = "ran on macOS"
         else:
             reason = f"skipped: MLModel.predict needs macOS 15+ (this is {platform.system()})"

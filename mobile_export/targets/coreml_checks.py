@@ -17,7 +17,6 @@ COMPRESSED_OPS = {
     "constexpr_blockwise_shift_scale": "quantized",
     "constexpr_lut_to_dense": "palettized",
 }
-_SPEC_DTYPES = {65552: "float16", 65568: "float32", 131104: "int32", 131080: "int8"}
 
 
 @dataclass
@@ -50,7 +49,7 @@ def read_package(path: Path) -> Package:
 def _feature_shape(feature) -> tuple[str, list]:
     """(dtype, shape) of a spec feature; flexible dims become 'lo..hi'."""
     array = feature.type.stateType.arrayType if feature.type.HasField("stateType") else feature.type.multiArrayType
-    dtype = _SPEC_DTYPES.get(array.dataType, str(array.dataType))
+    dtype = type(array).ArrayDataType.Name(array.dataType).lower()  # FLOAT16 -> float16, INT32 -> int32
     if array.HasField("shapeRange") and array.shapeRange.sizeRanges:
         shape = [
             int(r.lowerBound) if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}"

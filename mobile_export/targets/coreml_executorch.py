@@ -151,9 +151,7 @@ class CoreMLExecuTorchBackend(Backend):
             return out[0].float()
 
         got = stepped_logits(step, ctx.sequences)
-        result.comparisons += standard_comparisons(got, ctx)
-        for comparison in result.comparisons:
-            comparison.name = comparison.name.replace("(vs", "(exported program, eager, vs")
+        result.comparisons += standard_comparisons(got, ctx, "exported program, eager,")
         result.notes.append(
             f"Core ML delegate: {facts['delegates']} partition(s), {self.compressed} quantized linears; "
             "the .pte itself needs iOS/macOS to run (skipped here)"

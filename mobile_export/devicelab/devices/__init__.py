@@ -171,6 +171,19 @@ def matching_line(text: str, pattern) -> str:
     return next((line for line in lines if pattern.search(line)), lines[-1] if lines else "")
 
 
+def checked(result, what: str, device: str, gone, timeout_s: float | None = None):
+    """``result`` if the tool succeeded; DeviceGone when its output says the device disconnected,
+    DeviceError otherwise (naming the time limit when ``timeout_s`` is given and it ran out)."""
+    if result.returncode == 0 and not result.timed_out:
+        return result
+    message = matching_line(result.output, gone) or f"exit status {result.returncode}"
+    if gone.search(result.output):
+        raise DeviceGone(f"device {device} disconnected during {what}: {message}")
+    if result.timed_out and timeout_s is not None:
+        raise DeviceError(f"{what} did not finish within {timeout_s:g}s")
+    raise DeviceError(f"{what} failed: {message}")
+
+
 def make_device(spec) -> Device:
     """The device object for a plan's device entry."""
     kind = spec.kind

@@ -28,6 +28,7 @@ from . import (
     DeviceInfo,
     Job,
     Outcome,
+    checked,
     matching_line,
     no_results,
     outcome_from_results,
@@ -96,14 +97,7 @@ class AndroidDevice(Device):
 
     def _checked(self, result: Completed, what: str) -> Completed:
         """Raise DeviceGone on a disconnect, DeviceError on any other failure."""
-        if result.returncode == 0 and not result.timed_out:
-            return result
-        message = matching_line(result.output, _GONE) or f"exit status {result.returncode}"
-        if _GONE.search(result.output):
-            raise DeviceGone(f"device {self.serial} disconnected during {what}: {message}")
-        if result.timed_out:
-            raise DeviceError(f"{what} did not finish within {TOOL_TIMEOUT_S:g}s")
-        raise DeviceError(f"{what} failed: {message}")
+        return checked(result, what, self.serial, _GONE, TOOL_TIMEOUT_S)
 
     # --- the interface -----------------------------------------------------------------------
 

@@ -28,11 +28,11 @@ from ..bundles import BenchBundle
 from ..harness import harness_argv
 from . import (
     Device,
-    DeviceError,
     DeviceGone,
     DeviceInfo,
     Job,
     Outcome,
+    checked,
     dumps,
     matching_line,
     no_results,
@@ -87,12 +87,7 @@ class IOSDevice(Device):
         ]
 
     def _checked(self, result: Completed, what: str) -> Completed:
-        if result.returncode == 0 and not result.timed_out:
-            return result
-        last = matching_line(result.output, _GONE) or f"exit status {result.returncode}"
-        if _GONE.search(result.output):
-            raise DeviceGone(f"device {self.udid} disconnected during {what}: {last}")
-        raise DeviceError(f"{what} failed: {last}")
+        return checked(result, what, self.udid, _GONE)
 
     def connect(self) -> DeviceInfo:
         """macOS and Xcode present, the udid connected, the harness built for testing."""
