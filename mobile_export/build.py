@@ -32,14 +32,29 @@ from mobile_export.bundle import (
 )
 from mobile_export.console import StepUI
 from mobile_export.errors import UserError, VerificationError
+from mobile_export.fidelity import artifact_fidelity, build_eval_reference, fidelity_summary, read_text
 from mobile_export.memory import release_memory
-from mobile_export.quantize import QuantReport, QuantSpec, quantize_embedding, quantize_module, untie_lm_head
+from mobile_export.quant_algos.calibration import Calibration, load_calibration
+from mobile_export.quant_algos.pipeline import check_algorithm_support, quantize_decoder
+from mobile_export.quantize import CALIBRATED, QuantReport, QuantSpec
 from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
+from mobile_export.reference import REFERENCE_NAME, build_reference, write_reference
 from mobile_export.sources import SourceOptions, load_source
 from mobile_export.targets import BackendOptions, ExportInfo, VerifyContext, get_backend
 from mobile_export.verify import Comparison, enforce, reference_logits, stepped_logits, token_sequences
 
-VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "coremltools", "transformers", "tokenizers")
+VERSIONED_PACKAGES = (
+    "torch",
+    "executorch",
+    "torchao",
+    "coremltools",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "transformers",
+    "tokenizers",
+)
 
 
 @dataclass
@@ -66,6 +81,14 @@ class BuildRequest:
     min_ios: str | None = None
     kv_budget_mb: float | None = None
     compile_mlmodelc: bool = False
+    opset: int | None = None
+    min_onnxruntime: str | None = None
+    quant_algo: str | None = None
+    calib_text: Path | None = None
+    rotate: bool | None = None
+    keep_8bit: tuple[str, ...] = ()
+    eval_text: Path | None = None
+    no_eval: bool = False
 
 
 @dataclass
@@ -120,7 +143,17 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
     backend.check(request.target, scheme)
     embedding = request.embedding_quant if request.embedding_quant is not None else settings.embedding
     group_size = request.group_size if request.group_size is not None else settings.group_size
-    return QuantSpec(scheme=scheme, group_size=group_size, embedding=embedding, weight_only=backend.weight_only)
+    spec = QuantSpec(
+        scheme=scheme,
+        group_size=group_size,
+        embedding=embedding,
+        weight_only=backend.weight_only,
+        algo=request.quant_algo if request.quant_algo is not None else (settings.algo or "rtn"),
+        rotate=request.rotate if request.rotate is not None else bool(settings.rotate),
+        keep_8bit=tuple(request.keep_8bit) or tuple(settings.keep_8bit or ()),
+    )
+    check_algorithm_support(backend, spec, request.calib_text)
+    return spec
 
 
 def context_length(recipe: Recipe, request: BuildRequest) -> int:
@@ -137,29 +170,22 @@ def context_length(recipe: Recipe, request: BuildRequest) -> int:
     return length
 
 
-def convert(source_model: torch.nn.Module, spec: QuantSpec, max_seq_len: int, backend, ui: StepUI):
-    """Wrap the original model for export, one decoder layer at a time: cast to the backend's
-    dtype, and quantize with torchao when the backend takes torch-side quantization."""
+def convert(
+    source_model: torch.nn.Module,
+    spec: QuantSpec,
+    max_seq_len: int,
+    backend,
+    ui: StepUI,
+    calibration: Calibration | None = None,
+):
+    """Wrap the original model for export, one decoder layer at a time: rotate (``--rotate``),
+    cast to the backend's dtype, and quantize with torchao when the backend takes torch-side
+    quantization, choosing the integers with ``spec.algo`` (GPTQ/AWQ from ``calibration``)."""
     from mobile_export.modeling import ExportableDecoder
 
     decoder = ExportableDecoder(source_model, max_seq_len, attention=backend.attention).eval()
     report = QuantReport()
-    torch_quant = backend.quantizes_in_torch and spec.is_quantized
-    if torch_quant:
-        untie_lm_head(decoder.lm_head, decoder.embed_tokens)
-    total = len(decoder.layers)
-    for index, layer in enumerate(decoder.layers):
-        ui.update(f"layer {index + 1}/{total}")
-        if backend.quantizes_in_torch:
-            quantize_module(layer, spec, report, prefix=f"layers.{index}.")
-        else:
-            layer.to(backend.weight_dtype)
-        release_memory()
-    if backend.quantizes_in_torch:
-        head = torch.nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
-        quantize_module(head, spec, report)
-        decoder.lm_head = head["lm_head"]
-        quantize_embedding(decoder.embed_tokens, spec, report)
+    quantize_decoder(decoder, spec, report, backend, ui, calibration)
     decoder.prepare_for_export()
     if not backend.quantizes_in_torch:
         decoder.to(backend.weight_dtype)
@@ -208,16 +234,19 @@ def backend_options(recipe: Recipe, request: BuildRequest, backend) -> BackendOp
     """Compute units and deployment target: command line first, then the recipe's target (whose
     values are for its own backend, so they are dropped when another backend takes no options)."""
     settings = recipe.target(request.target)
-    if not backend.accepts_options:
+    onnx = {"opset": request.opset, "min_onnxruntime": request.min_onnxruntime}
+    if "compute_units" not in backend.option_names:
         return BackendOptions(
             compute_units=request.compute_units,
             deployment_target=request.min_ios,
             compile_mlmodelc=request.compile_mlmodelc or None,
+            **onnx,
         )
     return BackendOptions(
         compute_units=request.compute_units or settings.compute_units,
         deployment_target=request.min_ios or settings.min_ios,
         compile_mlmodelc=request.compile_mlmodelc or None,
+        **onnx,
     )
 
 
@@ -235,6 +264,8 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
     final_dir = request.output_dir / name
     check_destination(final_dir, request.force)
+    if request.eval_text is not None and not request.no_eval:
+        read_text(request.eval_text, "eval text")
     source_options = SourceOptions(
         model_path=request.model_path,
         random_weights=request.random_weights,
@@ -256,8 +287,28 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     with ui.step("Reference logits from the original model"):
         reference = reference_logits(source.model, sequences)
 
+    eval_text = None
+    with ui.step("Fidelity references from the original model"):
+        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+        device_reference = build_reference(
+            source.model,
+            encode,
+            max_seq_len=max_seq_len,
+            spec=spec,
+            weights_meaningful=source.weights != "random",
+        )
+        if not request.no_eval:
+            eval_text = build_eval_reference(source.model, encode, request.eval_text, max_seq_len)
+
+    calibration = None
+    if spec.algo in CALIBRATED:
+        calibration = load_calibration(
+            request.calib_text, lambda text: tokenizer(text)["input_ids"], spec.algo, max_seq_len, vocab_size
+        )
+        ui.note(f"calibration: {calibration.tokens} tokens of {request.calib_text} in {len(calibration.windows)} windows")
+
     with ui.step(f"Prepare and quantize ({spec.label})"):
-        decoder, report = convert(source.model, spec, max_seq_len, backend, ui)
+        decoder, report = convert(source.model, spec, max_seq_len, backend, ui, calibration)
         lowering_ref = None
         if spec.is_quantized and backend.quantizes_in_torch:
             ui.update("eager run of the quantized model")
@@ -265,6 +316,11 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
             decoder.reset_cache()
     if report.skipped_linears:
         ui.note(f"{len(report.skipped_linears)} linear layers kept in fp32: {report.skipped_linears[0]} ...")
+    if report.kept_8bit:
+        ui.note(
+            f"{len(report.kept_8bit)} layers kept at 8 bits ({', '.join(report.kept_8bit[:3])}"
+            f"{' ...' if len(report.kept_8bit) > 3 else ''}): about {report.extra_bytes_8bit / 1e6:.2f} MB more"
+        )
     del source.model
     release_memory()
 
@@ -324,16 +380,34 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                 hint="nothing was written; pass --keep-unverified to write the bundle anyway",
             )
 
+        fidelity = {"status": "skipped", "reason": "not evaluated (--no-eval)"}
+        if eval_text is not None:
+            with ui.step(f"Fidelity on {eval_text.name}"):
+                fidelity = artifact_fidelity(backend, stage / artifact["file"], eval_text, meaningful=not random)
+            ui.note(f"fidelity {fidelity_summary(fidelity)}")
+        del eval_text
+        release_memory()
+        write_reference(stage, device_reference)
+
         with ui.step("Write bundle"):
-            artifacts = {artifact["file"], artifact.get("compiled")}
+            artifact_files = artifact.get("files") or [artifact["file"]]
+            artifacts = {*artifact_files, artifact.get("compiled"), REFERENCE_NAME}
             tokenizer_files = sorted(p.name for p in stage.iterdir() if p.name not in artifacts)
-            artifact_bytes = tree_bytes(stage / artifact["file"])
+            artifact_bytes = sum(tree_bytes(stage / f) for f in artifact_files)
             quantization = {
                 "scheme": spec.scheme,
                 "group_size": spec.group_size if spec.uses_groups else None,
                 "embedding": spec.embedding,
                 "bits_per_weight": round(artifact_bytes * 8 / parameters, 3),
             }
+            quantization.update(algorithm=spec.algo, rotate=spec.rotate)
+            if spec.keep_8bit:
+                quantization["keep_8bit"] = {
+                    "patterns": list(spec.keep_8bit),
+                    "layers": report.kept_8bit,
+                    "extra_bytes_estimate": report.extra_bytes_8bit,
+                }
+            quantization.update(report.details)
             if backend.quantizes_in_torch:
                 quantization.update(
                     quantized_linears=report.quantized_linears,
@@ -353,6 +427,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     license=recipe.license,
                     parameters=parameters,
                     weights=source.weights,
+                    path=str(request.model_path.resolve()) if source.weights == "local" else None,
                 ),
                 recipe={"name": recipe.name, "sha256": recipe_hash(recipe)},
                 target=request.target,
@@ -385,6 +460,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     "seconds": {k: round(v, 2) for k, v in ui.timings.items()},
                     "seed": request.seed if random else None,
                 },
+                fidelity=fidelity,
             )
             write_manifest(stage, manifest)
             zip_path = write_zip(stage, request.output_dir / f"{name}.zip")

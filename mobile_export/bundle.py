@@ -69,6 +69,7 @@ class ModelInfo(BaseModel):
     license: str = "unknown"
     parameters: int
     weights: str  # "hub", "local" or "random"
+    path: str | None = None  # the local folder the weights were loaded from (local builds)
 
 
 class Manifest(BaseModel):
@@ -95,7 +96,13 @@ class Manifest(BaseModel):
     tokenizer: TokenizerInfo
     verification: dict = Field(default_factory=dict)
     build: dict = Field(default_factory=dict)
+    fidelity: dict | None = None  # the artifact's perplexity ratio, KL and top-1 on a fixed text (fidelity.py)
     files: list[FileEntry] = Field(default_factory=list)
+
+    def artifact_bytes(self) -> int:
+        """Bytes of the artifact's files (a folder artifact counts everything under it)."""
+        names = self.artifact.get("files") or [self.artifact["file"]]
+        return sum(f.bytes for f in self.files if any(f.path == n or f.path.startswith(n + "/") for n in names))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -41,11 +41,11 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", required=False)
 @click.option("--target", "-t", required=True, help="Platform: android or ios.")
-@click.option("--backend", help="Backend (default from the recipe): xnnpack, coreml or coreml-executorch.")
+@click.option("--backend", help="Backend (default from the recipe): xnnpack, coreml, coreml-executorch or onnx.")
 @click.option(
     "--quant",
     help="Weight quantization (default from the recipe): xnnpack fp32|8da4w|int8; "
-    "coreml fp16|int4|int8|palettize4|palettize6; coreml-executorch fp32|int4|int8.",
+    "coreml fp16|int4|int8|palettize4|palettize6; coreml-executorch fp32|int4|int8; onnx fp32|fp16|int4|int8.",
 )
 @click.option("--group-size", type=int, help="Group (block) size for 8da4w, int4 and int4 embeddings: 32, 64 or 128.")
 @click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
@@ -63,6 +63,36 @@ def main() -> None:
 @click.option("--min-ios", help="Core ML minimum deployment target, e.g. 18 (states need iOS 18).")
 @click.option("--compile-mlmodelc", is_flag=True, help="Core ML: also write the compiled .mlmodelc (macOS with Xcode).")
 @click.option("--kv-budget-mb", type=float, help="Refuse a build whose KV cache would exceed this many MB.")
+@click.option("--opset", type=int, help="ONNX: ai.onnx opset of the graph (default 18).")
+@click.option("--min-onnxruntime", help="ONNX: oldest ONNX Runtime release the bundle must load in, e.g. 1.20.")
+@click.option(
+    "--quant-algo",
+    help="How integer weights are chosen (default from the recipe, else rtn): rtn, hqq, gptq or awq "
+    "(gptq/awq need --calib-text).",
+)
+@click.option(
+    "--calib-text",
+    type=click.Path(path_type=Path),
+    help="Plain-text file to calibrate gptq/awq on (at least 1024 tokens; up to 8192 are used).",
+)
+@click.option(
+    "--rotate/--no-rotate",
+    default=None,
+    help="Fold an orthogonal rotation of the residual stream into the weights (fewer outliers; same graph).",
+)
+@click.option(
+    "--keep-8bit",
+    multiple=True,
+    metavar="PATTERN",
+    help="Keep these layers at 8 bits (repeatable): glob or re:REGEX on names like lm_head, layers.0.*, "
+    "layers.{last}.mlp.down_proj, embed_tokens.",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(path_type=Path),
+    help="Text to measure the artifact's fidelity on (default: the project's fixed_eval.txt; first 512 tokens).",
+)
+@click.option("--no-eval", is_flag=True, help="Skip the fidelity measurement (perplexity ratio, KL) of the artifact.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print the summary.")
 def build(recipe: str | None, target: str, quiet: bool, **options) -> None:
     """Build a verified bundle from RECIPE (or --model-path) for --target."""
@@ -201,6 +231,80 @@ def report(
         )
     if summary["regressions"]:
         sys.exit(EXIT_REGRESSION)
+
+
+# --- fidelity: eval and verify ----------------------------------------------------------------
+
+
+@main.command("eval")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--text", "text_path", required=True, type=click.Path(path_type=Path), help="UTF-8 text to evaluate on.")
+@click.option("--model-path", type=click.Path(path_type=Path), help="The original model's folder (eager reference).")
+@click.option("--recipe", help="Recipe of the original model (default: the bundle manifest's local source).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Evaluate the text's first N tokens.")
+@click.option("--window", type=int, help="Tokens per window, each from a fresh cache (default: min(context, 256)).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option(
+    "--per-layer",
+    is_flag=True,
+    help="Also rank layer groups by the KL divergence each adds when quantized alone (which to --keep-8bit).",
+)
+def eval_command(
+    bundles: tuple[Path, ...],
+    text_path: Path,
+    model_path: Path | None,
+    recipe: str | None,
+    max_tokens: int,
+    window: int | None,
+    as_json: bool,
+    per_layer: bool,
+) -> None:
+    """Perplexity, KL divergence and top-1 agreement of each BUNDLE's artifact, run in its own
+    runtime, against the original model on --text."""
+    import json
+
+    from mobile_export.evaluate import evaluate_bundles
+    from mobile_export.report import print_eval_table
+
+    rows = evaluate_bundles(
+        list(bundles), text_path, model_path=model_path, recipe=recipe, max_tokens=max_tokens, window=window
+    )
+    sensitivity = {}
+    if per_layer:
+        from mobile_export.quant_algos.sensitivity import bundles_sensitivity
+
+        sensitivity = bundles_sensitivity(
+            list(bundles), text_path, model_path=model_path, recipe=recipe, max_tokens=max_tokens, window=rows[0].window
+        )
+    if as_json:
+        out = [
+            {**r.to_dict(), **({"per_layer": sensitivity[r.bundle].to_dict()} if r.bundle in sensitivity else {})}
+            for r in rows
+        ]
+        click.echo(json.dumps({"text": str(text_path), "bundles": out}, indent=2))
+    else:
+        print_eval_table(rows, text_path.name)
+        if sensitivity:
+            from mobile_export.quant_algos.sensitivity import print_sensitivity
+
+            print_sensitivity(sensitivity)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle: Path) -> None:
+    """Run BUNDLE's artifact here and check it against its reference.json (greedy tokens, top-k log-probs)."""
+    from mobile_export.errors import VerificationError
+    from mobile_export.reference import verify_bundle
+    from mobile_export.report import print_parity_report
+
+    report_, facts = verify_bundle(bundle)
+    print_parity_report(bundle, report_, facts)
+    if not report_.passed:
+        raise VerificationError(
+            f"{bundle} does not match its reference.json: {report_.failures[0]}",
+            hint="the artifact or its runtime computes something else than the original model",
+        )
 
 
 if __name__ == "__main__":

@@ -23,3 +23,12 @@ def release_memory() -> None:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return
     trim(0)
+
+
+def drop_weights(model) -> None:
+    """Release every parameter and buffer of a torch module (an export consumed it)."""
+    for module in model.modules():
+        for name in list(module._parameters):
+            module._parameters[name] = None
+        for name in list(module._buffers):
+            module._buffers[name] = None

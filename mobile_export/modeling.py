@@ -12,6 +12,10 @@ With ``attention="portable"`` the cache is written with plain slice assignment a
 ``scaled_dot_product_attention`` over the first ``end`` positions, all positions derived from
 tensor shapes: the form Core ML converts into stateful ``slice_update`` programs (see
 :class:`PortableAttention` and :class:`CoreMLEntry`).
+
+With ``attention="onnx"`` the cache is passed in and out (past → present, ONNX Runtime GenAI's
+convention) and attention is ONNX Runtime's ``GroupQueryAttention`` with rotary embedding
+inside (see :mod:`mobile_export.ort_attention`, :class:`OnnxAttention` and :class:`OnnxEntry`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 
 from mobile_export.errors import UserError
 
-ATTENTION_KINDS: tuple[str, ...] = ("executorch", "portable")
+ATTENTION_KINDS: tuple[str, ...] = ("executorch", "portable", "onnx")
 
 # Decoder families whose transformers modules this wrapper is tested against. Adding one
 # means adding it to the parity tests first.
@@ -64,6 +68,9 @@ class StepContext:
     start_pos: object = 0
     end_pos: object = 0
     mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # onnx: [1, total] ones
+    past: list | None = None  # onnx: per layer (past_key, past_value)
+    presents: list | None = None  # onnx: per layer (present_key, present_value), filled by the layers
 
 
 def rotate_half_matrix(head_dim: int, rotary_dim: int) -> torch.Tensor:
@@ -162,6 +169,21 @@ def _split_linear(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
         parts.append(part)
         offset += size
     return parts
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One linear computing several side by side (outputs concatenated; exact)."""
+    has_bias = any(lin.bias is not None for lin in linears)
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        biases = [
+            lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, dtype=weight.dtype)
+            for lin in linears
+        ]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
 
 
 class GatedMLP(nn.Module):
@@ -350,6 +372,69 @@ class PortableAttention(CachedAttention):
         return self.o_proj(out), None
 
 
+class OnnxAttention(CachedAttention):
+    """Attention for ONNX Runtime: past/present KV tensors and one ``GroupQueryAttention`` call.
+
+    The layer reads its past keys/values from the step context and leaves its presents there;
+    rotary embedding runs inside the op from half-width cos/sin tables (the decoder passes them).
+    """
+
+    def __init__(self, hf_attn: nn.Module, config, max_seq_len: int, ctx: StepContext, index: int):
+        super().__init__(hf_attn, config, max_seq_len, ctx)
+        self.index = index
+        self.k_cache = self.v_cache = None  # the cache lives outside the model
+        self.qkv_proj = None
+        self.rotary_in_op = True  # set by the decoder: whether GroupQueryAttention applies rotary itself
+        self.rotary_dim = self.head_dim
+        if self.q_norm is None and self.k_norm is None:  # one matmul for q, k and v (GQA's packed input)
+            self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            self.q_proj = self.k_proj = self.v_proj = None
+
+    def _rotate_outside(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding before the attention op (rotary widths ONNX Runtime's op cannot take)."""
+        q = q.reshape(1, -1, self.n_heads, self.head_dim)
+        k = k.reshape(1, -1, self.n_kv_heads, self.head_dim)
+        q = apply_rope_sliced(q, cos, sin, self.rotary_dim).reshape(1, -1, self.n_heads * self.head_dim)
+        k = apply_rope_sliced(k, cos, sin, self.rotary_dim).reshape(1, -1, self.n_kv_heads * self.head_dim)
+        return q, k
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **_) -> tuple:
+        from mobile_export import ort_attention  # noqa: F401  (registers the op)
+
+        if self.qkv_proj is not None and self.rotary_in_op:
+            q, k, v = self.qkv_proj(hidden_states), None, None
+        elif self.qkv_proj is not None:
+            sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+            q, k, v = self.qkv_proj(hidden_states).split(sizes, dim=-1)
+        else:
+            q, k, v = self._project(hidden_states)
+            q = q.reshape(1, -1, self.n_heads * self.head_dim)
+            k = k.reshape(1, -1, self.n_kv_heads * self.head_dim)
+            v = v.reshape(1, -1, self.n_kv_heads * self.head_dim)
+        cos, sin, _ = position_embeddings
+        if not self.rotary_in_op:  # rotary embedding in plain ops; cos/sin are full-width [T, 1, D] rows
+            q, k = self._rotate_outside(q, k, cos, sin)
+            cos = sin = None
+        past_key, past_value = self.ctx.past[self.index]
+        out, present_key, present_value = torch.ops.mobile_export.group_query_attention(
+            q,
+            k,
+            v,
+            past_key,
+            past_value,
+            self.ctx.attention_mask,
+            cos,
+            sin,
+            self.n_heads,
+            self.n_kv_heads,
+            self.scaling,
+            float(self.softcap or 0.0),
+            int(self.sliding_window or 0),
+        )
+        self.ctx.presents[self.index] = (present_key, present_value)
+        return self.o_proj(out), None
+
+
 def _rope_tables(
     rotary_cls: type, config, max_seq_len: int, head_dim: int
 ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -430,6 +515,10 @@ class ExportableDecoder(nn.Module):
             key = f"rope{index}"
             self.register_buffer(f"{key}_cos", cos, persistent=False)
             self.register_buffer(f"{key}_sin", sin, persistent=False)
+            if attention == "onnx":  # GroupQueryAttention's caches: [max_seq_len, rotary_dim/2]
+                half = rotary_dim // 2
+                self.register_buffer(f"{key}_cos_half", cos[:, 0, :half].contiguous(), persistent=False)
+                self.register_buffer(f"{key}_sin_half", sin[:, 0, :half].contiguous(), persistent=False)
             key_for_type[layer_type] = key
         for i, layer in enumerate(self.layers):
             layer_type = layer_types[i] if (layer_types and None not in key_for_type) else None
@@ -438,13 +527,25 @@ class ExportableDecoder(nn.Module):
                 dtype = next(layer.parameters()).dtype
                 layer.self_attn = PortableAttention(layer.self_attn, config, max_seq_len, self.ctx, dtype)
                 layer.self_attn.rotary_dim = rotary_dim
+            elif attention == "onnx":
+                from mobile_export.ort_attention import rotary_fits
+
+                layer.self_attn = OnnxAttention(layer.self_attn, config, max_seq_len, self.ctx, i)
+                layer.self_attn.rotary_dim = rotary_dim
+                layer.self_attn.rotary_in_op = rotary_fits(rotary_dim, head_dim)
             else:
                 layer.self_attn = CachedAttention(layer.self_attn, config, max_seq_len, self.ctx)
             layer.mlp = _split_fused_mlp(layer.mlp)
 
     def prepare_for_export(self) -> None:
-        """Swap RMSNorms for XNNPACK-friendly equivalents (after weights are in place)."""
-        _replace_norms(self)
+        """Swap RMSNorms for XNNPACK-friendly equivalents (after weights are in place).
+
+        ONNX keeps transformers' own RMSNorms: that is the pattern ONNX Runtime's
+        ``SimplifiedLayerNormalization`` fusions recognise.
+        """
+        if self.attention != "onnx":
+            _replace_norms(self)
+
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         """Eager call in the runner's convention: feed ``tokens`` at ``start_pos``, get logits [vocab] (fp32)."""
@@ -454,9 +555,24 @@ class ExportableDecoder(nn.Module):
 
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (eager use between independent sequences)."""
+        if self.attention == "onnx":
+            return  # no cache inside the model
         for layer in self.layers:
             layer.self_attn.k_cache.zero_()
             layer.self_attn.v_cache.zero_()
+
+    def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Eager call of decoder layer ``index`` alone on hidden states [1, T, D] at positions
+        0..T-1 (layer-by-layer calibration); writes that layer's KV cache."""
+        seq = hidden.shape[1]
+        self.ctx.start_pos, self.ctx.end_pos, self.ctx.mask = 0, seq, None
+        key = self._rope_keys[index]
+        cos, sin = getattr(self, f"{key}_cos")[:seq], getattr(self, f"{key}_sin")[:seq]
+        with torch.no_grad():
+            out = self.layers[index](
+                hidden, position_embeddings=(cos, sin, self.rope_rot), attention_mask=None, position_ids=None
+            )
+        return out[0] if isinstance(out, tuple) else out
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -466,8 +582,11 @@ class ExportableDecoder(nn.Module):
         torch._check(start_pos + seq <= self.max_seq_len)
         return self.run(tokens, start_pos, start_pos + seq)
 
-    def run(self, tokens: torch.Tensor, start_pos, end_pos, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed ``tokens`` at positions ``start_pos .. end_pos - 1``; return the last token's logits.
+    def run(
+        self, tokens: torch.Tensor, start_pos, end_pos, mask: torch.Tensor | None = None, all_positions: bool = False
+    ) -> torch.Tensor:
+        """Feed ``tokens`` at positions ``start_pos .. end_pos - 1``; return the last token's logits
+        ([1, vocab]), or every token's ([1, T, vocab]) with ``all_positions``.
 
         ``mask`` (portable attention only) is an additive [1, 1, T, end_pos] mask; None means causal.
         """
@@ -479,6 +598,13 @@ class ExportableDecoder(nn.Module):
         rope = {}
         for key in sorted(set(self._rope_keys)):
             cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
+            if self.attention == "onnx":
+                if self.layers[0].self_attn.rotary_in_op:
+                    rope[key] = (getattr(self, f"{key}_cos_half"), getattr(self, f"{key}_sin_half"), None)
+                else:  # positions end at the attention mask's width (past + new tokens)
+                    total = self.ctx.attention_mask.shape[1]
+                    rope[key] = (cos[total - seq : total], sin[total - seq : total], None)
+                continue
             if self.attention == "portable":  # Core ML converts slices with traced bounds, not narrow
                 cos, sin = cos[start_pos:end_pos], sin[start_pos:end_pos]
             else:
@@ -487,7 +613,7 @@ class ExportableDecoder(nn.Module):
         for layer, key in zip(self.layers, self._rope_keys, strict=True):
             out = layer(hidden, position_embeddings=rope[key], attention_mask=None, position_ids=None)
             hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.norm(hidden[:, -1, :])
+        hidden = self.norm(hidden if all_positions else hidden[:, -1, :])
         logits = self.lm_head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
@@ -513,6 +639,32 @@ class CoreMLEntry(nn.Module):
         seq = input_ids.shape[1]
         end = causal_mask.shape[-1]
         return self.decoder.run(input_ids, end - seq, end, causal_mask)
+
+
+class OnnxEntry(nn.Module):
+    """ONNX Runtime GenAI's calling convention over an onnx-attention decoder.
+
+    ``forward(input_ids: int64[1, S], attention_mask: int64[1, T], past_key_0, past_value_0, ...)
+    -> (logits[1, S, vocab], present_key_0, present_value_0, ...)`` with caches [1, Hkv, P, D]
+    and T = P + S.
+    """
+
+    def __init__(self, decoder: ExportableDecoder):
+        super().__init__()
+        if decoder.attention != "onnx":
+            raise ValueError("ONNX export needs a decoder built with attention='onnx'")
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> tuple:
+        ctx = self.decoder.ctx
+        n_layers = len(self.decoder.layers)
+        ctx.past = [(past[2 * i], past[2 * i + 1]) for i in range(n_layers)]
+        ctx.presents = [None] * n_layers
+        ctx.attention_mask = attention_mask
+        logits = self.decoder.run(input_ids, 0, input_ids.shape[1], all_positions=True)
+        presents = [t for pair in ctx.presents for t in pair]
+        ctx.past = ctx.presents = ctx.attention_mask = None
+        return (logits, *presents)
 
 
 def example_inputs(max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

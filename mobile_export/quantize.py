@@ -14,11 +14,20 @@ Embeddings (``--embedding-quant``): ``none``, ``int8`` (per row) or ``int4`` (pe
 ``group_size``), weight-only; at run time they use ExecuTorch's quantized embedding kernels.
 Linear layers whose input width is not a multiple of the group size stay in fp32 and are
 reported, never silently quantized differently.
+
+How the integers are chosen (``--quant-algo``, see :mod:`mobile_export.quant_algos`): ``rtn``
+(round to nearest, torchao's affine qparams), ``hqq`` (torchao's half-quadratic scale-only
+qparams, no calibration), ``gptq`` and ``awq`` (calibrated on ``--calib-text``). ``--rotate``
+folds an orthogonal rotation of the residual stream into the weights first. ``--keep-8bit``
+keeps the linears it names at 8 bits (int8 per channel, the ``int8`` scheme's kernel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +38,10 @@ LINEAR_SCHEMES: tuple[str, ...] = ("fp32", "fp16", "8da4w", "int8", "int4", "pal
 UNQUANTIZED: tuple[str, ...] = ("fp32", "fp16")
 EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+ALGORITHMS: tuple[str, ...] = ("rtn", "hqq", "gptq", "awq")
+CALIBRATED: tuple[str, ...] = ("gptq", "awq")
+# Linear layers' names inside the export wrapper, for --keep-8bit patterns.
+LINEAR_NAME_EXAMPLES = "lm_head, layers.0.self_attn.q_proj, layers.{last}.mlp.down_proj, embed_tokens"
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,9 @@ class QuantSpec:
     group_size: int = 32
     embedding: str = "none"
     weight_only: bool = False  # int8 without dynamic activation quantization (Core ML delegates)
+    algo: str = "rtn"
+    rotate: bool = False
+    keep_8bit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in LINEAR_SCHEMES:
@@ -56,13 +72,46 @@ class QuantSpec:
                 f"unsupported group size {self.group_size}",
                 hint="choose one of: " + ", ".join(map(str, GROUP_SIZES)),
             )
+        if self.algo not in ALGORITHMS:
+            raise UserError(
+                f"unknown quantization algorithm '{self.algo}'", hint="choose one of: " + ", ".join(ALGORITHMS)
+            )
+        if self.algo != "rtn" and self.scheme in UNQUANTIZED:
+            raise UserError(
+                f"--quant-algo {self.algo} needs a quantized scheme, not {self.scheme}",
+                hint="use --quant 8da4w (or int4/int8), or leave out --quant-algo",
+            )
+        if self.keep_8bit and self.scheme in UNQUANTIZED:
+            raise UserError(f"--keep-8bit has nothing to keep with --quant {self.scheme}", hint="leave it out")
+        for pattern in self.keep_8bit:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise UserError(f"--keep-8bit '{pattern}' is not a valid regular expression: {exc}") from exc
 
     @property
     def label(self) -> str:
-        """Short human-readable name, e.g. '8da4w-g32 + emb int8'."""
+        """Short human-readable name, e.g. '8da4w-g32 gptq + rotate + emb int8'."""
         grouped = {"8da4w": "g", "int4": "b"}
         linear = f"{self.scheme}-{grouped[self.scheme]}{self.group_size}" if self.scheme in grouped else self.scheme
+        if self.algo != "rtn":
+            linear += f" {self.algo}"
+        if self.rotate:
+            linear += " + rotate"
+        if self.keep_8bit:
+            linear += " + 8-bit " + ",".join(self.keep_8bit)
         return linear if self.embedding == "none" else f"{linear} + emb {self.embedding}"
+
+    @property
+    def bits(self) -> int:
+        """Bits per linear weight of the scheme (16/32 for unquantized ones)."""
+        return {"8da4w": 4, "int4": 4, "int8": 8, "fp16": 16, "palettize4": 4, "palettize6": 6}.get(self.scheme, 32)
+
+    @property
+    def dynamic_activation(self) -> bool:
+        """Whether linears quantize activations to int8 per token at run time."""
+        return self.scheme == "8da4w" or (self.scheme == "int8" and not self.weight_only)
 
     @property
     def is_quantized(self) -> bool:
@@ -82,38 +131,123 @@ class QuantReport:
     quantized_linears: int = 0
     skipped_linears: list[str] | None = None
     quantized_embeddings: int = 0
+    kept_8bit: list[str] = field(default_factory=list)
+    extra_bytes_8bit: int = 0  # estimated bytes the 8-bit layers add over the scheme's
+    details: dict = field(default_factory=dict)  # algorithm facts for the manifest
 
 
-def _linear_config(spec: QuantSpec):
+def keep_8bit_matcher(patterns: tuple[str, ...], n_layers: int) -> Callable[[str], bool]:
+    """Whether a module name (``lm_head``, ``layers.3.mlp.down_proj``, ``embed_tokens``) is kept at 8 bits.
+
+    Patterns are globs (``layers.0.*``), ``re:``-prefixed regular expressions, or a module's name,
+    which keeps everything inside it (``layers.0``); ``{last}`` is the last layer's index.
+    """
+    resolved = [p.replace("{last}", str(n_layers - 1)) for p in patterns]
+
+    def matches(name: str) -> bool:
+        for pattern in resolved:
+            if pattern.startswith("re:"):
+                if re.fullmatch(pattern[3:], name):
+                    return True
+            elif fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + "."):
+                return True
+        return False
+
+    return matches
+
+
+def _qparams_algorithm(spec: QuantSpec):
+    """torchao's choice of scales: HQQ's scale-only optimisation for ``hqq``, else min-max."""
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    return IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if spec.algo == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
+
+
+def _linear_config(spec: QuantSpec, bits: int | None = None):
+    """torchao config of the scheme (or of its 8-bit per-channel variant when ``bits`` is 8)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    if spec.scheme == "int4":  # weight-only, for delegates that dequantize on the fly (Core ML)
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(spec.group_size))
-    if spec.scheme == "int8" and spec.weight_only:
-        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    if spec.scheme == "8da4w":
-        return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(spec.group_size)
+    algorithm = _qparams_algorithm(spec)
+    bits = bits or spec.bits
+    if not spec.dynamic_activation:  # weight-only, for delegates that dequantize on the fly (Core ML)
+        granularity = PerGroup(spec.group_size) if bits == 4 else PerAxis(0)
+        return IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"), granularity=granularity, intx_choose_qparams_algorithm=algorithm
         )
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    if bits == 4:
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4,
+            weight_granularity=PerGroup(spec.group_size),
+            intx_choose_qparams_algorithm=algorithm,
+        )
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8, weight_granularity=PerAxis(0), intx_choose_qparams_algorithm=algorithm
+    )
 
 
-def _embedding_config(spec: QuantSpec):
+def _embedding_config(spec: QuantSpec, bits: int | None = None):
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    if spec.embedding == "int8":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(spec.group_size))
+    algorithm = _qparams_algorithm(spec)
+    if (bits or {"int8": 8, "int4": 4}[spec.embedding]) == 8:
+        return IntxWeightOnlyConfig(
+            weight_dtype=torch.int8, granularity=PerAxis(0), intx_choose_qparams_algorithm=algorithm
+        )
+    return IntxWeightOnlyConfig(
+        weight_dtype=torch.int4, granularity=PerGroup(spec.group_size), intx_choose_qparams_algorithm=algorithm
+    )
 
 
 def _linear_fits(spec: QuantSpec, module: nn.Linear) -> bool:
     return not spec.uses_groups or module.in_features % spec.group_size == 0
 
 
-def quantize_module(module: nn.Module, spec: QuantSpec, report: QuantReport, prefix: str = "") -> None:
-    """Quantize the linear layers of ``module`` in place (weights first cast to fp32).
+def linear_bits(spec: QuantSpec, name: str, keep: Callable[[str], bool] | None) -> int:
+    """Bits for the linear called ``name``: 8 when ``--keep-8bit`` names it, else the scheme's."""
+    return 8 if keep is not None and spec.bits < 8 and keep(name) else spec.bits
+
+
+def extra_bytes_8bit(spec: QuantSpec, linear: nn.Linear) -> int:
+    """Estimated bytes an 8-bit per-channel linear adds over the scheme's 4-bit groups
+    (XNNPACK stores group scales in bf16, channel scales in fp32)."""
+    out, cols = linear.out_features, linear.in_features
+    four = out * cols // 2 + out * (cols // spec.group_size) * 2
+    return out * cols + out * 4 - four
+
+
+def select_linears(
+    module: nn.Module, spec: QuantSpec, report: QuantReport, prefix: str = "", keep: Callable[[str], bool] | None = None
+) -> dict[str, int]:
+    """The linears of ``module`` to quantize, with their bits; reports the ones left in fp32
+    and the ones kept at 8 bits (with their size cost)."""
+    skipped = report.skipped_linears if report.skipped_linears is not None else []
+    report.skipped_linears = skipped
+    chosen: dict[str, int] = {}
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.Linear):
+            continue
+        bits = linear_bits(spec, f"{prefix}{name}", keep)
+        if bits == 8 and spec.bits < 8:
+            chosen[name] = 8
+            report.kept_8bit.append(f"{prefix}{name}")
+            if spec.uses_groups and child.in_features % spec.group_size == 0:
+                report.extra_bytes_8bit += extra_bytes_8bit(spec, child)
+        elif _linear_fits(spec, child):
+            chosen[name] = bits
+        else:
+            skipped.append(f"{prefix}{name} (in_features {child.in_features} not a multiple of {spec.group_size})")
+    return chosen
+
+
+def quantize_module(
+    module: nn.Module, spec: QuantSpec, report: QuantReport, prefix: str = "", keep: Callable[[str], bool] | None = None
+) -> None:
+    """Quantize the linear layers of ``module`` in place with torchao (weights first cast to fp32):
+    round to nearest, or HQQ's scales; ``keep`` names the linears kept at 8 bits.
 
     Called one decoder layer at a time so a large model never holds two full-precision
     copies of its weights.
@@ -123,20 +257,11 @@ def quantize_module(module: nn.Module, spec: QuantSpec, report: QuantReport, pre
     module.float()
     if spec.scheme in UNQUANTIZED:
         return
-    skipped = report.skipped_linears if report.skipped_linears is not None else []
-    report.skipped_linears = skipped
-    chosen: list[str] = []
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Linear):
-            if _linear_fits(spec, child):
-                chosen.append(name)
-            else:
-                skipped.append(f"{prefix}{name} (in_features {child.in_features} not a multiple of {spec.group_size})")
-    if not chosen:
-        return
-    selected = set(chosen)
+    chosen = select_linears(module, spec, report, prefix, keep)
     with torch.no_grad():
-        quantize_(module, _linear_config(spec), filter_fn=lambda m, fqn: fqn in selected)
+        for bits in sorted(set(chosen.values())):
+            selected = {name for name, b in chosen.items() if b == bits}
+            quantize_(module, _linear_config(spec, bits), filter_fn=lambda m, fqn, sel=selected: fqn in sel)
     report.quantized_linears += len(chosen)
 
 
@@ -146,19 +271,27 @@ def untie_lm_head(lm_head: nn.Linear, embedding: nn.Embedding) -> None:
         lm_head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
 
 
-def quantize_embedding(embedding: nn.Embedding, spec: QuantSpec, report: QuantReport) -> None:
-    """Quantize an embedding table in place (weight-only), or just cast it to fp32."""
+def quantize_embedding(
+    embedding: nn.Embedding, spec: QuantSpec, report: QuantReport, keep: Callable[[str], bool] | None = None
+) -> None:
+    """Quantize an embedding table in place (weight-only), or just cast it to fp32; an int4 table
+    that ``keep`` names (``embed_tokens``) is stored as int8."""
     from torchao.quantization import quantize_
 
     embedding.float()
     if spec.embedding == "none":
         return
-    if spec.embedding == "int4" and embedding.embedding_dim % spec.group_size != 0:
+    bits = 8 if spec.embedding == "int8" or (keep is not None and keep("embed_tokens")) else 4
+    if bits == 8 and spec.embedding == "int4":
+        report.kept_8bit.append("embed_tokens")
+        rows, dim = embedding.weight.shape
+        report.extra_bytes_8bit += rows * dim // 2 + rows * 4 - (rows * dim // spec.group_size) * 4
+    if bits == 4 and embedding.embedding_dim % spec.group_size != 0:
         raise UserError(
             f"embedding width {embedding.embedding_dim} is not a multiple of group size {spec.group_size}",
             hint="use --embedding-quant int8 or another --group-size",
         )
     holder = nn.ModuleDict({"embed": embedding})
     with torch.no_grad():
-        quantize_(holder, _embedding_config(spec), filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+        quantize_(holder, _embedding_config(spec, bits), filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     report.quantized_embeddings += 1

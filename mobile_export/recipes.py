@@ -35,11 +35,15 @@ class _Strict(BaseModel):
 
 
 class QuantSettings(_Strict):
-    """Quantization a target uses by default (names are checked by the backend)."""
+    """Quantization a target uses by default (names are checked by the backend); ``algo``,
+    ``rotate`` and ``keep_8bit`` are the defaults of ``--quant-algo``, ``--rotate``, ``--keep-8bit``."""
 
     scheme: str
     group_size: int = 32
     embedding: str = "none"
+    algo: Literal["rtn", "hqq", "gptq", "awq"] | None = None
+    rotate: bool | None = None
+    keep_8bit: list[str] | None = None
 
 
 COMPUTE_UNITS: tuple[str, ...] = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")

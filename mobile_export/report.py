@@ -67,8 +67,13 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
     for comparison in manifest.verification.get("comparisons", []):
         state = "ok" if comparison["passed"] else ("FAILED" if comparison["enforced"] else "not enforced")
         _out.print(
-            f"  verified    {comparison['name']}: cos {comparison['min_cosine']:.6f}, top-1 {comparison['top1_agreement']:.0%} [{state}]"
+            f"  verified    {escape(comparison['name'])}: cos {comparison['min_cosine']:.6f}, "
+            f"top-1 {comparison['top1_agreement']:.0%} \\[{state}]"
         )
+    if manifest.fidelity:
+        from mobile_export.fidelity import fidelity_summary
+
+        _out.print(f"  fidelity    {escape(fidelity_summary(manifest.fidelity))}")
     total = sum(entry.bytes for entry in manifest.files)
     _out.print(f"  files       {len(manifest.files)} files, {_mb(total)}")
     if problems:
@@ -82,12 +87,16 @@ def print_build_summary(result) -> None:
     """What was written, its size, bits per weight, parity figures and time."""
     manifest = result.manifest
     name = manifest.artifact["file"]
-    size = sum(f.bytes for f in manifest.files if f.path == name or f.path.startswith(name + "/"))
+    size = manifest.artifact_bytes()
     _out.print(f"[bold green]Built[/bold green] {result.bundle}  [dim]({result.seconds:.1f}s)[/dim]")
     _out.print(f"  artifact    {name}: {_mb(size)}, {manifest.quantization['bits_per_weight']} bits/weight")
     _out.print(f"  zip         {result.zip_path}: {_mb(result.zip_path.stat().st_size)}")
     for comparison in result.comparisons:
         _out.print(f"  parity      {comparison.summary()}")
+    if manifest.fidelity:
+        from mobile_export.fidelity import fidelity_summary
+
+        _out.print(f"  fidelity    {escape(fidelity_summary(manifest.fidelity))}")
 
 
 def print_run_stats(stats, load_seconds: float) -> None:
@@ -97,3 +106,52 @@ def print_run_stats(stats, load_seconds: float) -> None:
         f"first token {stats.time_to_first_token * 1000:.0f} ms · prefill {stats.prefill_tokens_per_second:.1f} tok/s · "
         f"decode {stats.decode_tokens_per_second:.1f} tok/s ({stats.generated_tokens} tokens)[/dim]"
     )
+
+
+def print_eval_table(rows, text_name: str) -> None:
+    """``eval``: one row per bundle (perplexity, ratio to eager, KL mean and p99, top-1, tokens, time)."""
+    table = Table(title=f"Fidelity on {text_name} (artifact in its runtime vs the original model, eager)")
+    for column in ("bundle", "backend", "quant", "ppl", "eager ppl", "ratio", "KL mean", "KL p99", "top-1", "tokens"):
+        table.add_column(column, justify="left" if column in ("bundle", "backend", "quant") else "right")
+    table.add_column("time", justify="right")
+    for row in rows:
+        cells = [escape(row.bundle.name), row.backend, row.quantization]
+        if row.result is None:
+            table.add_row(*cells, f"[yellow]skipped: {escape(row.reason or '')}[/yellow]", *[""] * 7)
+            continue
+        r = row.result
+        table.add_row(
+            *cells,
+            f"{r.perplexity:.4g}",
+            f"{r.reference_perplexity:.4g}",
+            f"{r.perplexity_ratio:.4f}",
+            f"{r.kl_mean:.4g}",
+            f"{r.kl_p99:.4g}",
+            f"{r.top1_agreement:.1%}",
+            str(r.tokens),
+            f"{r.seconds:.1f}s",
+        )
+    _out.print(table)
+
+
+def print_parity_report(bundle: Path, report, facts: dict) -> None:
+    """``verify``: the artifact against the bundle's reference.json, one line per prompt."""
+    _out.print(
+        f"[bold]{escape(str(bundle))}[/bold]: {facts['backend']} {facts['quantization']}, "
+        f"{facts['weights']} weights; reference.json thresholds {report.thresholds}"
+    )
+    for p in report.prompts:
+        state = "[green]ok[/green]" if p.passed else ("[red]FAILED[/red]" if report.enforced else "not enforced")
+        diffs = (
+            f", |log-prob diff| max {p.max_abs_logprob_diff:.3g} mean {p.mean_abs_logprob_diff:.3g}"
+            if p.max_abs_logprob_diff is not None
+            else ""
+        )
+        mismatch = "" if p.first_mismatch is None else f", first mismatch at step {p.first_mismatch}"
+        failures = f" ({escape('; '.join(p.failures))})" if p.failures else ""
+        _out.print(
+            f"  prompt {p.prompt}: greedy agreement {p.top1_agreement:.0%} of {p.steps} steps{diffs}{mismatch} "
+            f"{state}{failures}"
+        )
+    if not report.enforced:
+        _out.print("  [dim]random weights, quantized: figures recorded, not enforced[/dim]")

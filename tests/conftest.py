@@ -4,3 +4,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Path:
+    """Folder of the trained tiny Llama (trained once, then cached; see tests/trained_model.py)."""
+    from trained_model import trained_model_dir
+
+    return trained_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(arch)``: a briefly trained tiny Hugging Face folder of ``arch`` named
+    ``tiny-<arch>``, written once per session and shared by the build tests (read-only)."""
+    from tiny_models import write_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = write_model_dir(root / f"tiny-{arch}", arch)
+        return made[arch]
+
+    return get

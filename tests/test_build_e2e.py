@@ -10,7 +10,6 @@ import zipfile
 
 import pytest
 from click.testing import CliRunner
-from tiny_models import write_model_dir
 
 from mobile_export.bundle import read_manifest, sha256_file
 from mobile_export.cli import main
@@ -70,8 +69,8 @@ def test_demo_build_run_inspect(tmp_path):
     assert again != 0 and "already exists" in out
 
 
-def test_llama_fp32_from_folder_matches_original_tightly(tmp_path):
-    folder = write_model_dir(tmp_path / "tiny-llama", "llama")
+def test_llama_fp32_from_folder_matches_original_tightly(tmp_path, tiny_model_dir):
+    folder = tiny_model_dir("llama")
     code, out = _build(
         [
             "--model-path",
@@ -103,8 +102,8 @@ def test_llama_fp32_from_folder_matches_original_tightly(tmp_path):
         ("qwen3", "8da4w", ["--group-size", "64", "--embedding-quant", "none"]),
     ],
 )
-def test_architectures_and_schemes(tmp_path, arch, scheme, extra):
-    folder = write_model_dir(tmp_path / f"tiny-{arch}", arch)
+def test_architectures_and_schemes(tmp_path, tiny_model_dir, arch, scheme, extra):
+    folder = tiny_model_dir(arch)
     args = ["--model-path", str(folder), "--target", "android", "--quant", scheme, *extra, "-o", str(tmp_path / "dist")]
     code, out = _build(args)
     assert code == 0, out

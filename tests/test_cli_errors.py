@@ -154,14 +154,14 @@ def test_context_length_too_small(out):
 def test_unknown_backend_suggests_close_name(out):
     line = build_error(out, "demo", "--target", "android", "--backend", "xnpack")
     assert "backend 'xnpack'" in line
-    assert "available: coreml, coreml-executorch, xnnpack" in line
+    assert "available: coreml, coreml-executorch, onnx, xnnpack" in line
     assert "did you mean 'xnnpack'" in line
 
 
 def test_backend_not_available_in_this_version(out):
-    line = build_error(out, "demo", "--target", "ios", "--backend", "onnx")
-    assert "unavailable backend 'onnx'" in line
-    assert "available: coreml, coreml-executorch, xnnpack" in line
+    line = build_error(out, "demo", "--target", "ios", "--backend", "tflite")
+    assert "unavailable backend 'tflite'" in line
+    assert "available: coreml, coreml-executorch, onnx, xnnpack" in line
 
 
 def test_backend_for_the_wrong_target(out):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import write_model_dir
 
 from mobile_export.bundle import read_manifest, sha256_file
 from mobile_export.cli import main
@@ -23,9 +22,8 @@ IS_MAC = platform.system() == "Darwin"
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ios-models")
-    return {arch: write_model_dir(root / f"tiny-{arch}", arch) for arch in ("llama", "phi3", "qwen2")}
+def model_dirs(tiny_model_dir):
+    return {arch: tiny_model_dir(arch) for arch in ("llama", "phi3", "qwen2")}
 
 
 def _build(folder, out, *extra: str):

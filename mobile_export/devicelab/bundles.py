@@ -37,8 +37,7 @@ class BenchBundle:
     @property
     def artifact_bytes(self) -> int:
         """Size of the model artifact."""
-        name = self.manifest.artifact.get("file")
-        return next((entry.bytes for entry in self.manifest.files if entry.path == name), 0)
+        return self.manifest.artifact_bytes()
 
     def describe(self) -> dict:
         """The bundle part of a results record."""

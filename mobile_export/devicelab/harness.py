@@ -8,7 +8,9 @@ Every harness (this one, the Android one, the iOS XCTest one) is invoked once pe
 It loads the bundle (timed: ``load_s``), runs ``W`` untimed generations, then one timed greedy
 generation of exactly ``N`` new tokens after the prompt's token ids (EOS does not stop it), and
 writes one JSON object to ``--output`` (atomically: a temporary file renamed into place). The
-fields are in :data:`REQUIRED_OK_FIELDS`; ``device_tests/HARNESS.md`` documents them. Exit status
+fields are in :data:`REQUIRED_OK_FIELDS`; ``device_tests/HARNESS.md`` documents them. When the
+bundle has ``reference.json``, the harness also runs it (untimed, after the measurement) and adds
+``reference_outputs``, which the runner checks (:func:`reference_parity`). Exit status
 0 means a measurement was taken; non-zero means it was not (the results file, if written, then
 has ``"status": "failed"`` and ``"error"``).
 
@@ -115,6 +117,33 @@ def parse_results(text: str, *, prompt_tokens: int, new_tokens: int, manifest_sh
     return data
 
 
+def reference_parity(bundle: Path, outputs) -> dict | None:
+    """The results file's ``reference_outputs`` checked against the bundle's ``reference.json``
+    (on the host, from the bundle the runner holds): a compact parity summary, or None when the
+    bundle has no reference or the harness reported no outputs. Malformed outputs are a failed parity."""
+    from mobile_export.errors import UserError
+    from mobile_export.reference import REFERENCE_NAME, PromptOutput, check_outputs, read_reference
+
+    if outputs is None or not (bundle / REFERENCE_NAME).is_file():
+        return None
+    reference = read_reference(bundle)
+    try:
+        parsed = [PromptOutput(tokens=[int(t) for t in o["tokens"]], logprobs=o.get("logprobs")) for o in outputs]
+        report = check_outputs(reference, parsed)
+    except (TypeError, KeyError, ValueError, AttributeError, UserError) as exc:
+        reason = exc.one_line() if isinstance(exc, UserError) else f"malformed reference_outputs ({exc})"
+        return {"passed": False, "enforced": True, "failures": [reason]}
+    diffs = [p.max_abs_logprob_diff for p in report.prompts if p.max_abs_logprob_diff is not None]
+    return {
+        "passed": report.passed,
+        "enforced": report.enforced,
+        "prompts": len(report.prompts),
+        "min_top1_agreement": min(p.top1_agreement for p in report.prompts),
+        "max_abs_logprob_diff": max(diffs) if diffs else None,
+        "failures": report.failures,
+    }
+
+
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -173,6 +202,7 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
     """Load ``bundle`` on this machine and time one generation; the contract's ok fields."""
     from mobile_export.bundle import MANIFEST_NAME, read_manifest
     from mobile_export.generate import generate
+    from mobile_export.reference import REFERENCE_NAME, read_reference, run_reference
     from mobile_export.targets import get_backend
 
     manifest = read_manifest(bundle)
@@ -188,6 +218,10 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
         generate(runtime.step, prompt_ids, new_tokens, set(), manifest.context_length)
     stats = generate(runtime.step, prompt_ids, new_tokens, set(), manifest.context_length)
     peak, source = peak_memory()
+    extra = {}
+    if (bundle / REFERENCE_NAME).is_file():  # after the measurement: not timed, not in the peak
+        outputs = run_reference(runtime, read_reference(bundle))
+        extra["reference_outputs"] = [{"tokens": o.tokens, "logprobs": o.logprobs} for o in outputs]
     return {
         "bundle_manifest_sha256": manifest_sha,
         "backend": manifest.backend,
@@ -202,6 +236,7 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
         "peak_memory_bytes": peak,
         "memory_source": source + ("" if reset else ", not reset: includes the process's earlier peak"),
         "rss_before_load_bytes": before,
+        **extra,
     }
 
 

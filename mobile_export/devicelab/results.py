@@ -14,7 +14,13 @@ Schema (``schema_version`` 1; ``device_tests/RESULTS.md`` documents every field)
      "failure": null | {"kind", "reason"},
      "metrics": null | {"load_s", "ttft_s", "prefill_s", "decode_s", "prefill_tokens_per_s",
                         "decode_tokens_per_s", "prompt_tokens", "generated_tokens",
-                        "peak_memory_bytes", "memory_source", "rss_before_load_bytes"}}
+                        "peak_memory_bytes", "memory_source", "rss_before_load_bytes"},
+     "parity": null | {"passed", "enforced", "prompts", "min_top1_agreement", "max_abs_logprob_diff",
+                       "failures"}}
+
+``parity`` (optional; absent in older records) is the harness's ``reference_outputs`` checked
+against the bundle's ``reference.json``; a failed check makes the record ``failed`` (kind
+``parity``, no metrics).
 
 Every record is flushed and fsynced before the next measurement starts, so a crash or a pulled
 cable never loses one already taken. A rerun skips measurements that already have an ``ok``

@@ -212,6 +212,7 @@ def make_record(outcome: Outcome, job: Job, device: Device, context: _Context) -
         "status": outcome.status,
         "failure": failure,
         "metrics": outcome.metrics if outcome.status == "ok" else None,
+        "parity": outcome.parity,
     }
 
 

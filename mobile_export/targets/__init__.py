@@ -24,6 +24,7 @@ _BACKEND_MODULES = (
     "mobile_export.targets.xnnpack",
     "mobile_export.targets.coreml",
     "mobile_export.targets.coreml_executorch",
+    "mobile_export.targets.onnx",
 )
 
 
@@ -34,6 +35,19 @@ class BackendOptions:
     compute_units: str | None = None
     deployment_target: str | None = None
     compile_mlmodelc: bool | None = None  # Core ML: also write the compiled .mlmodelc (macOS + Xcode)
+    opset: int | None = None  # ONNX: ai.onnx opset of the graph
+    min_onnxruntime: str | None = None  # ONNX: oldest ONNX Runtime release the folder must load in
+
+
+# Command-line flag of each BackendOptions field (for errors).
+OPTION_FLAGS = {
+    "compute_units": "--compute-units",
+    "deployment_target": "--min-ios",
+    "compile_mlmodelc": "--compile-mlmodelc",
+    "opset": "--opset",
+    "min_onnxruntime": "--min-onnxruntime",
+}
+COREML_OPTIONS = ("compute_units", "deployment_target", "compile_mlmodelc")
 
 
 @dataclass
@@ -93,15 +107,15 @@ class Backend(ABC):
     cache_dtype: torch.dtype = torch.float32  # KV-cache element type on device
     keeps_model: bool = False  # verify() needs the eager decoder after export
     weight_only: bool = False  # int8 means weight-only (no dynamic activation quantization)
-    accepts_options: bool = False  # takes --compute-units / --min-ios
+    option_names: tuple[str, ...] = ()  # the BackendOptions fields this backend takes
 
     def check_options(self, options: BackendOptions, spec) -> BackendOptions:
-        """Validate and fill in backend options; the default backend takes none."""
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(options).items() if v is not None]
-        if given and not self.accepts_options:
-            raise UserError(
-                f"backend '{self.name}' takes no {', '.join(given)}", hint="only Core ML backends use these options"
-            )
+        """Validate and fill in backend options; refuses options meant for other backends."""
+        given = [k for k, v in vars(options).items() if v is not None and k not in self.option_names]
+        if given:
+            owners = "Core ML backends" if given[0] in COREML_OPTIONS else "the onnx backend"
+            flags = ", ".join(OPTION_FLAGS.get(k, k) for k in given)
+            raise UserError(f"backend '{self.name}' takes no {flags}", hint=f"only {owners} use {flags}")
         return options
 
     def tensor_specs(self, decoder, vocab_size: int) -> tuple[list, list, list]:

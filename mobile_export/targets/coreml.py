@@ -36,7 +36,15 @@ import torch
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
 from mobile_export.recipes import QuantSettings
-from mobile_export.targets import Backend, BackendOptions, ExportInfo, Verification, VerifyContext, register
+from mobile_export.targets import (
+    COREML_OPTIONS,
+    Backend,
+    BackendOptions,
+    ExportInfo,
+    Verification,
+    VerifyContext,
+    register,
+)
 from mobile_export.targets.coreml_checks import (
     check_compression,
     check_io,
@@ -163,11 +171,13 @@ class CoreMLBackend(Backend):
     weight_dtype = torch.float16
     cache_dtype = torch.float16
     keeps_model = True
-    accepts_options = True
+    option_names = COREML_OPTIONS
 
     def check_options(self, options: BackendOptions, spec) -> BackendOptions:
         """Deployment target new enough for state and the scheme; known compute units."""
         from mobile_export.recipes import COMPUTE_UNITS
+
+        super().check_options(options, spec)
 
         target = options.deployment_target or DEFAULT_MIN_IOS
         major = ios_major(target)
@@ -356,12 +366,17 @@ class CoreMLBackend(Backend):
         )
 
         ui.update("eager run of the converted module (fp32 compute)")
+        # weights quantized before conversion (--quant-algo gptq/awq) carry coremltools' compression info
+        prequantized = any("_COREML_/" in name for name, _ in decoder.named_buffers())
         decoder.float()
         decoder.reset_cache()
         got = stepped_logits(decoder.step, ctx.sequences)
-        result.comparisons.append(
-            compare("converted module (fp16 weights) vs original", got, ctx.reference, FP16_WEIGHT_THRESHOLDS)
-        )
+        if prequantized:
+            result.comparisons += standard_comparisons(got, ctx, "converted module, quantized before conversion,")
+        else:
+            result.comparisons.append(
+                compare("converted module (fp16 weights) vs original", got, ctx.reference, FP16_WEIGHT_THRESHOLDS)
+            )
         package_logits = None
         if ctx.spec.is_quantized:
             ui.update("eager run with the package's weights")
@@ -370,6 +385,10 @@ class CoreMLBackend(Backend):
             decoder.reset_cache()
             package_logits = stepped_logits(decoder.step, ctx.sequences)
             result.comparisons += standard_comparisons(package_logits, ctx, "package weights in PyTorch")
+            if prequantized:  # the package must hold exactly the integers and scales chosen in PyTorch
+                result.comparisons.append(
+                    compare("package weights vs converted module", package_logits, got, FP16_WEIGHT_THRESHOLDS)
+                )
         del package
         release_memory()
         if platform.system() == "Darwin":

@@ -195,7 +195,9 @@ def load_package_weights(package: Package, decoder: torch.nn.Module) -> int:
     for op in package.ops:
         if op.op_type not in COMPRESSED_OPS:
             continue
-        key = next((k for k in keys if op.name.startswith(k + "_")), None)
+        # "<param>_<suffix>" from ct.optimize passes; exactly "<param>" when the converter built the op
+        # from compression info on the module (weights quantized before conversion, e.g. GPTQ)
+        key = next((k for k in keys if op.name == k or op.name.startswith(k + "_")), None)
         if key is None:
             unmapped.append(op.name)
             continue

@@ -22,7 +22,15 @@ import torch
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
 from mobile_export.recipes import QuantSettings
-from mobile_export.targets import Backend, BackendOptions, ExportInfo, Verification, VerifyContext, register
+from mobile_export.targets import (
+    COREML_OPTIONS,
+    Backend,
+    BackendOptions,
+    ExportInfo,
+    Verification,
+    VerifyContext,
+    register,
+)
 from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend, import_coremltools, quiet_coremltools
 from mobile_export.targets.xnnpack import runner_metadata
 from mobile_export.verify import standard_comparisons, stepped_logits
@@ -42,7 +50,7 @@ class CoreMLExecuTorchBackend(Backend):
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
     attention = "portable"
     keeps_model = True
-    accepts_options = True
+    option_names = COREML_OPTIONS
     weight_only = True
 
     def check_options(self, options: BackendOptions, spec) -> BackendOptions:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mobile_export.memory import release_memory
+from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchDecoder
@@ -118,15 +118,6 @@ def lean_xnnpack_passes() -> Iterator[None]:
         manager.__init__ = original
 
 
-def _drop_weights(model: torch.nn.Module) -> None:
-    """Release every parameter and buffer of ``model`` (it is consumed by the export)."""
-    for module in model.modules():
-        for name in list(module._parameters):
-            module._parameters[name] = None
-        for name in list(module._buffers):
-            module._buffers[name] = None
-
-
 @register
 class XnnpackBackend(Backend):
     """ExecuTorch program delegated to XNNPACK (Android and iOS CPUs)."""
@@ -160,7 +151,7 @@ class XnnpackBackend(Backend):
                 constant_methods=metadata,
             )
         del program
-        _drop_weights(model)  # the lowered program holds what it needs; free the eager copy
+        drop_weights(model)  # the lowered program holds what it needs; free the eager copy
         release_memory()
         delegates = sum(
             1

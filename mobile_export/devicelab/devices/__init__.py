@@ -17,7 +17,7 @@ from pathlib import Path
 from mobile_export.errors import UserError
 
 from ..bundles import BenchBundle
-from ..harness import HarnessOutputError, parse_results
+from ..harness import HarnessOutputError, parse_results, reference_parity
 from ..plan import Scenario
 
 
@@ -52,6 +52,7 @@ class Outcome:
     harness: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
     device: DeviceInfo | None = None  # set when one plan device stands for several phones
+    parity: dict | None = None  # the harness's reference outputs checked against reference.json
 
 
 @dataclass
@@ -148,7 +149,18 @@ def outcome_from_results(text: str, job: Job, repetition: int) -> Outcome:
             "rss_before_load_bytes",
         )
     }
-    return Outcome(repetition, "ok", metrics=metrics, harness=harness, runtime=runtime)
+    parity = reference_parity(job.bundle.path, data.get("reference_outputs"))
+    if parity is not None and parity["enforced"] and not parity["passed"]:
+        return Outcome(
+            repetition,
+            "failed",
+            failure_kind="parity",
+            reason=f"output does not match reference.json: {parity['failures'][0]}",
+            harness=harness,
+            runtime=runtime,
+            parity=parity,
+        )
+    return Outcome(repetition, "ok", metrics=metrics, harness=harness, runtime=runtime, parity=parity)
 
 
 def read_results_file(path: Path) -> str | None:

@@ -1,0 +1,237 @@
+"""ONNX Runtime (GenAI): ``torch.onnx.export`` → ONNX Runtime fusions → ``MatMulNBits`` → a GenAI folder.
+
+The bundle is a folder ONNX Runtime GenAI's ``og.Model(folder)`` loads unchanged on Android,
+iOS and the host: ``model.onnx`` + ``model.onnx.data``, ``genai_config.json`` and the tokenizer.
+See :mod:`mobile_export.targets.onnx_graph` for the graph steps and
+:mod:`mobile_export.ort_attention` for the attention op.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mobile_export.errors import UserError
+from mobile_export.memory import drop_weights, release_memory
+from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
+from mobile_export.targets import Backend, BackendOptions, ExportInfo, Verification, VerifyContext, onnx_graph, register
+from mobile_export.targets.genai_config import genai_config
+from mobile_export.verify import FIXED_PROMPTS, FP32_THRESHOLDS, compare, standard_comparisons, stepped_logits
+
+GENAI_CHECK_TOKENS = 8
+
+
+@register
+class OnnxBackend(Backend):
+    """ONNX Runtime with its fused contrib ops; one folder for Android and iOS."""
+
+    name = "onnx"
+    targets = ("android", "ios")
+    schemes = ("fp32", "fp16", "int4", "int8")
+    artifact_file = "model.onnx"
+    artifact_format = "onnxruntime-genai"
+    default_quant = QuantSettings(scheme="int4", group_size=32, embedding="int4")
+    attention = "onnx"
+    quantizes_in_torch = False
+    weight_dtype = torch.float32
+    cache_dtype = torch.float32
+    weight_only = True
+    option_names = ("opset", "min_onnxruntime")
+
+    def check_options(self, options: BackendOptions, spec) -> BackendOptions:
+        """Opset (18 or newer) and the oldest ONNX Runtime the folder must load in."""
+        super().check_options(options, spec)
+        if options.opset is None:
+            options.opset = onnx_graph.DEFAULT_OPSET
+        if options.opset < onnx_graph.DEFAULT_OPSET:
+            raise UserError(
+                f"opset {options.opset} is too old for the ONNX export",
+                hint=f"torch.onnx's exporter writes opset {onnx_graph.DEFAULT_OPSET} or newer",
+            )
+        if spec.embedding == "int8":
+            raise UserError(
+                "backend 'onnx' cannot store embeddings as int8: ONNX Runtime's quantizer writes 4-bit "
+                "GatherBlockQuantized tables only",
+                hint="use --embedding-quant int4 or none",
+            )
+        if options.min_onnxruntime is not None:
+            onnx_graph.check_min_onnxruntime(options.min_onnxruntime, self.expected_ops(spec))
+        return options
+
+    def expected_ops(self, spec) -> list[str]:
+        """Contrib ops every build with ``spec`` emits (versions checked before any work)."""
+        ops = ["GroupQueryAttention"]
+        if spec.scheme in ("int4", "int8"):
+            ops.append("MatMulNBits")
+        if spec.embedding == "int4":
+            ops.append("GatherBlockQuantized")
+        return ops
+
+    def tensor_specs(self, decoder, vocab_size: int) -> tuple[list, list, list]:
+        """ONNX Runtime GenAI's inputs and outputs; the KV cache is past/present tensors."""
+        from mobile_export.bundle import TensorSpec
+
+        attn = decoder.layers[0].self_attn
+        kv = [1, attn.n_kv_heads, "past_sequence_length", attn.head_dim]
+        present = [1, attn.n_kv_heads, "total_sequence_length", attn.head_dim]
+        past_names, present_names = onnx_graph.kv_names(len(decoder.layers))
+        inputs = [
+            TensorSpec(name="input_ids", dtype="int64", shape=[1, "sequence_length"]),
+            TensorSpec(name="attention_mask", dtype="int64", shape=[1, "total_sequence_length"]),
+            *(TensorSpec(name=n, dtype="float32", shape=kv) for n in past_names),
+        ]
+        outputs = [
+            TensorSpec(name="logits", dtype="float32", shape=[1, "sequence_length", vocab_size]),
+            *(TensorSpec(name=n, dtype="float32", shape=present) for n in present_names),
+        ]
+        return inputs, outputs, []
+
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
+        """Export, fuse, quantize and write the GenAI folder's model and config."""
+        import onnx
+        import onnx_ir
+        import onnxruntime
+
+        spec, options = info.spec, info.options
+        report = onnx_graph.GraphReport(opset=options.opset)
+        tied = onnx_graph.untie_for_export(model)
+        softcap = any(layer.self_attn.softcap for layer in model.layers)
+        attn = model.layers[0].self_attn
+        rotary_in_op = attn.rotary_in_op
+        graph = onnx_graph.export_graph(model, options.opset, ui)
+        ui.update("ONNX Runtime fusions (onnxscript)")
+        report.fusions = onnx_graph.fuse(graph)
+        config = genai_config(
+            model.config.model_type,
+            n_layers=len(model.layers),
+            n_heads=attn.n_heads,
+            n_kv_heads=attn.n_kv_heads,
+            head_dim=attn.head_dim,
+            hidden_size=int(model.config.hidden_size),
+            vocab_size=info.vocab_size,
+            context_length=info.max_seq_len,
+            bos_id=info.bos_id,
+            eos_ids=info.eos_ids,
+            pad_id=getattr(model.config, "pad_token_id", None),
+        )
+        n_layers = len(model.layers)
+        # The fp32 graph goes to a scratch folder first, streamed from the PyTorch weights; the
+        # weights are then released and the graph read back for quantization (one fp32 copy in
+        # memory at a time). verify() runs this fp32 graph too: it proves export and fusions exact.
+        ui.update("writing the fp32 graph")
+        scratch = tempfile.TemporaryDirectory(prefix="mobile-export-onnx-")
+        fp32_dir = Path(scratch.name)
+        onnx_ir.save(graph, fp32_dir / self.artifact_file, external_data=onnx_graph.EXTERNAL_DATA)
+        (fp32_dir / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        del graph
+        drop_weights(model)  # the graph on disk holds them now
+        release_memory()
+        ui.update("loading the fp32 graph")
+        proto = onnx.load(str(fp32_dir / self.artifact_file))
+        self._fp32_graph = scratch if spec.is_quantized else None
+        ui.update(f"quantizing ({spec.label}) with ONNX Runtime's MatMulNBitsQuantizer")
+        proto = onnx_graph.quantize(proto, spec, report, tied)
+        report.op_counts = onnx_graph.op_counts(proto.graph)
+        needed = onnx_graph.ops_needing_versions(report.op_counts, softcap)
+        if options.min_onnxruntime is not None:
+            onnx_graph.check_min_onnxruntime(options.min_onnxruntime, needed)
+        ui.update("writing model.onnx")
+        _write_folder(proto, config, out_dir)
+        del proto
+        if self._fp32_graph is None:
+            scratch.cleanup()
+        release_memory()
+        fused = {
+            op: n for op, n in report.op_counts.items() if op.startswith("com.microsoft.") or "Normalization" in op
+        }
+        missing = _missing_fusions(report.op_counts, n_layers, rotary_in_op)
+        return {
+            "file": self.artifact_file,
+            "files": [self.artifact_file, onnx_graph.EXTERNAL_DATA, "genai_config.json"],
+            "format": self.artifact_format,
+            "opset": options.opset,
+            "onnxruntime": onnxruntime.__version__,
+            "min_onnxruntime": onnx_graph.min_onnxruntime(needed),
+            "fusions": report.fusions,
+            "fused_ops": fused,
+            "fusions_missing": missing,
+            "rotary_in_attention": rotary_in_op,
+            "tied_embedding_shared": report.tied_embedding_shared,
+            "quantization": {
+                "quantizer": "onnxruntime MatMulNBitsQuantizer",
+                "accuracy_level": onnx_graph.ACCURACY_LEVEL,
+            }
+            if spec.scheme in ("int4", "int8") or spec.embedding != "none"
+            else {},
+        }
+
+    def open(self, artifact: Path) -> OnnxDecoder:
+        return OnnxDecoder(artifact)
+
+    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+        """Step the model in ONNX Runtime; check the fp32 graph exactly; generate with ONNX Runtime GenAI."""
+        result = Verification()
+        scratch, self._fp32_graph = getattr(self, "_fp32_graph", None), None
+        if scratch is not None:
+            ctx.ui.update("fp32 graph before quantization")
+            runtime = OnnxDecoder(Path(scratch.name) / "model.onnx")
+            got = stepped_logits(runtime.step, ctx.sequences)
+            del runtime
+            scratch.cleanup()
+            result.comparisons.append(compare("graph parity (fp32 ONNX before quantization vs original)", got,
+                                              ctx.reference, _fp32_thresholds(ctx)))  # fmt: skip
+        ctx.ui.update("ONNX Runtime session")
+        runtime = self.open(artifact)
+        got = stepped_logits(runtime.step, ctx.sequences)
+        result.comparisons += standard_comparisons(got, ctx)
+        prompt = list(ctx.tokenizer(FIXED_PROMPTS[0])["input_ids"])
+        from mobile_export.generate import generate
+
+        host = generate(runtime.step, prompt, GENAI_CHECK_TOKENS, set(ctx.eos_ids), runtime.max_seq_len).tokens
+        del runtime
+        release_memory()
+        ctx.ui.update("ONNX Runtime GenAI")
+        tokens, timings = genai_generate(artifact.parent, prompt, len(host))
+        status = (
+            f"ok, same {len(host)} greedy tokens"
+            if tokens == host
+            else f"FAILED: GenAI generated {tokens[:8]}, the ONNX Runtime session {host[:8]}"
+        )
+        result.details["onnxruntime_genai"] = {"prompt": FIXED_PROMPTS[0], "tokens": tokens, "status": status,
+                                               **{k: round(v, 4) for k, v in timings.items()}}  # fmt: skip
+        result.notes.append(f"ONNX Runtime GenAI: {status}")
+        if status.startswith("FAILED"):
+            result.failures.append(f"ONNX Runtime GenAI disagrees with the session: {status}")
+        return result
+
+
+def _fp32_thresholds(ctx: VerifyContext):
+    from mobile_export.verify import BF16_REFERENCE_THRESHOLDS
+
+    return FP32_THRESHOLDS if ctx.reference_dtype == torch.float32 else BF16_REFERENCE_THRESHOLDS
+
+
+def _missing_fusions(counts: dict[str, int], n_layers: int, rotary_in_op: bool) -> list[str]:
+    """Fusions that did not apply to every layer (the graph still runs, more slowly)."""
+    missing = []
+    if counts.get("com.microsoft.SkipSimplifiedLayerNormalization", 0) < n_layers:
+        missing.append("SkipSimplifiedLayerNormalization (residual add + RMSNorm)")
+    if (
+        counts.get("SimplifiedLayerNormalization", 0) + counts.get("com.microsoft.SkipSimplifiedLayerNormalization", 0)
+        == 0
+    ):
+        missing.append("SimplifiedLayerNormalization (RMSNorm)")
+    if not rotary_in_op:
+        missing.append("rotary embedding inside GroupQueryAttention (rotary width not a multiple of 16)")
+    return missing
+
+
+
+def _write_folder(proto, config: dict, folder: Path) -> None:
+    """``model.onnx`` + external data and ``genai_config.json`` into ``folder``."""
+    onnx_graph.save(proto, folder)
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
