@@ -29,7 +29,8 @@ def model_dirs(tiny_model_dir):
 def _build(folder, out, *extra: str):
     # 128 tokens: the tiny Phi-3's longrope switches to its long factors past 128 positions
     args = ["build", "--model-path", str(folder), "--target", "ios", "--context-length", "128", "-o", str(out)]
-    return CliRunner().invoke(main, [*args, "--quiet", *extra], catch_exceptions=False)
+    # --no-eval: fidelity on text is tested in test_fidelity_e2e; here it would only add time
+    return CliRunner().invoke(main, [*args, "--quiet", "--no-eval", *extra], catch_exceptions=False)
 
 
 def _read_package(bundle):

@@ -29,7 +29,8 @@ def model_dirs(tiny_model_dir):
 def _build(folder, out, *extra: str, target: str = "android"):
     # 128 tokens: the tiny Phi-3's longrope switches to its long factors past 128 positions
     args = ["build", "--model-path", str(folder), "--target", target, "--backend", "onnx", "--context-length", "128"]
-    return CliRunner().invoke(main, [*args, "-o", str(out), "--quiet", *extra], catch_exceptions=False)
+    # --no-eval: fidelity on text is tested in test_fidelity_e2e; here it would only add time
+    return CliRunner().invoke(main, [*args, "-o", str(out), "--quiet", "--no-eval", *extra], catch_exceptions=False)
 
 
 def _graph(bundle):
