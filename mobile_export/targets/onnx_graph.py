@@ -50,7 +50,6 @@ class GraphReport:
     opset: int = DEFAULT_OPSET
     fusions: dict[str, int] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     tied_embedding_shared: bool = False
 
 
@@ -322,7 +321,7 @@ def _share_tied_embedding(proto, gather, head, block: int) -> bool:
     data, scales = nbits.input[1], nbits.input[2]
     if data not in inits or scales not in inits or len(nbits.input) > 3 and nbits.input[3]:
         return False
-    vocab, hidden = attrs["N"], attrs["K"]
+    vocab = attrs["N"]
     shape_name = f"{data}_as_table_shape"
     proto.graph.initializer.append(numpy_helper.from_array(_int64([vocab, -1]), shape_name))
     table = f"{data}_as_table"
@@ -348,7 +347,6 @@ def _share_tied_embedding(proto, gather, head, block: int) -> bool:
         kept = [t for t in proto.graph.initializer if t.name != old]
         proto.graph.ClearField("initializer")
         proto.graph.initializer.extend(kept)
-    del hidden
     return True
 
 
