@@ -236,10 +236,16 @@ def compare(
 def evaluate_runtime(step_or_runtime, reference: Reference) -> FidelityResult:
     """Run the artifact over the reference's text, window by window, and compare as it goes
     (only one window of artifact logits is held at a time)."""
+    start = time.perf_counter()
+    acc = accumulate_windows(iter_window_logits(step_or_runtime, reference.token_ids, reference.window), reference)
+    return acc.result(time.perf_counter() - start)
+
+
+def accumulate_windows(window_logits, reference: Reference) -> FidelityAccumulator:
+    """Compare each window's logits (in text order) with the reference's rows, one window at a time."""
     acc = FidelityAccumulator()
     row = 0
-    start = time.perf_counter()
-    for logits in iter_window_logits(step_or_runtime, reference.token_ids, reference.window):
+    for logits in window_logits:
         end = row + logits.shape[0]
         acc.add(
             logits,
@@ -249,7 +255,7 @@ def evaluate_runtime(step_or_runtime, reference: Reference) -> FidelityResult:
             reference.top1[row:end],
         )
         row = end
-    return acc.result(time.perf_counter() - start)
+    return acc
 
 
 def text_tokens(encode: Callable[[str], list[int]], text: str, max_tokens: int) -> list[int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from mobile_export.errors import UserError
-from mobile_export.fidelity import FidelityAccumulator, Reference, iter_eager_logits
+from mobile_export.fidelity import Reference, accumulate_windows, iter_eager_logits
 from mobile_export.quantize import (
     UNQUANTIZED,
     QuantReport,
@@ -125,18 +125,7 @@ def layer_sensitivity(
         saved = _weights(module)
         parameters = sum(w.numel() for _, w in saved)
         extra = _quantize_group(name, module, spec)
-        acc = FidelityAccumulator()
-        row = 0
-        for logits in iter_eager_logits(hf_model, reference.token_ids, reference.window):
-            end = row + logits.shape[0]
-            acc.add(
-                logits,
-                reference.logprobs[row:end],
-                reference.targets[row:end],
-                reference.target_logprobs[row:end],
-                reference.top1[row:end],
-            )
-            row = end
+        acc = accumulate_windows(iter_eager_logits(hf_model, reference.token_ids, reference.window), reference)
         _restore(saved)
         result = acc.result()
         results.append(
