@@ -12,7 +12,7 @@ fp32 compute (what the build's verification runs), and are marked so.
     python bench/fidelity_bench.py --rows rtn gptq gptq+rotate+8bit-head
     python bench/fidelity_bench.py --model-path DIR --calib-text FILE --eval-text FILE
 
-Defaults: the trained test model (tests/trained_model.py, trained on first use), calibration on
+Defaults: the trained test model (tests/trained_model.py, shipped in tests/fixtures/models), calibration on
 ``argparse.py`` + ``difflib.py`` of this Python's standard library, evaluation on the model's
 held-out stdlib modules (first 2048 tokens, windows of 256).
 """

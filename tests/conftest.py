@@ -1,4 +1,4 @@
-"""Shared test setup: tests import helpers from this folder (tiny_models)."""
+"""Shared test setup: tests import helpers from this folder (tiny_models, trained_model)."""
 
 import sys
 from pathlib import Path
@@ -10,24 +10,16 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained_model() -> Path:
-    """Folder of the trained tiny Llama (trained once, then cached; see tests/trained_model.py)."""
+    """Folder of the trained tiny Llama, shipped in tests/fixtures/models (read-only)."""
     from trained_model import trained_model_dir
 
     return trained_model_dir()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir(arch)``: a briefly trained tiny Hugging Face folder of ``arch`` named
-    ``tiny-<arch>``, written once per session and shared by the build tests (read-only)."""
-    from tiny_models import write_model_dir
+def tiny_model_dir():
+    """``tiny_model_dir(arch)``: the briefly trained tiny folder of ``arch``, named ``tiny-<arch>``,
+    shipped in tests/fixtures/models and shared by the build tests (read-only)."""
+    from trained_model import tiny_model_dir
 
-    root = tmp_path_factory.mktemp("tiny-models")
-    made: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = write_model_dir(root / f"tiny-{arch}", arch)
-        return made[arch]
-
-    return get
+    return tiny_model_dir

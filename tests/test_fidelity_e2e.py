@@ -57,6 +57,23 @@ def eval_text(tmp_path_factory):
     return path
 
 
+def _assert_quantized_figures(quant: dict, fp32: dict) -> None:
+    """What holds for any honest 4-bit artifact of this model, whatever machine trained or ran it.
+
+    KL and top-1 move one way only: a quantized model differs from the original (KL > 0, some
+    top-1 changes), by far more than the fp32 artifact's rounding. The perplexity ratio moves
+    either way: on a few hundred tokens quantization noise can lower the perplexity as well as
+    raise it, so it is bounded on both sides. The bound is the size of that noise: for a mean KL
+    near 0.01 (this scheme here) the per-token log-likelihood changes by ~0.1 with random sign,
+    so over >= 500 tokens the mean moves by a few hundredths at most; 0.08 in log space
+    (ratio 0.92..1.08) still fails an artifact that lost what the model learned (ratio >> 1.1).
+    """
+    assert quant["kl_mean"] > 100 * max(fp32["kl_mean"], 1e-7) and quant["kl_mean"] < 0.1
+    assert quant["kl_p99"] > quant["kl_mean"]
+    assert quant["top1_agreement"] < 1 and quant["top1_agreement"] > 0.7
+    assert abs(math.log(quant["perplexity_ratio"])) < 0.08
+
+
 def _eager_perplexity(model_dir, text, max_tokens, window) -> float:
     """Independent of fidelity.py's arithmetic: transformers' own loss per window."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -86,8 +103,8 @@ def test_eval_fp32_equals_eager_and_8da4w_costs_something(bundles, eval_text, tr
     assert eager < 200  # the model learned: its random initialisation scores ~1000 on this text
     for key in ("perplexity", "perplexity_ratio", "kl_mean", "kl_p99", "top1_agreement"):
         assert math.isfinite(quant[key])
-    assert quant["perplexity_ratio"] > 1 and quant["kl_mean"] > 1e-3 and quant["kl_p99"] > quant["kl_mean"]
-    assert quant["top1_agreement"] < 1 and quant["reference_perplexity"] == fp32["reference_perplexity"]
+    _assert_quantized_figures(quant, fp32)
+    assert quant["reference_perplexity"] == fp32["reference_perplexity"]
 
     table = CliRunner().invoke(
         main, ["eval", str(bundles["fp32"]), "--text", str(eval_text), "--max-tokens", "300", "--window", "100"]
@@ -106,7 +123,7 @@ def test_manifest_carries_fidelity(bundles):
         assert fidelity["window"] == 256 and fidelity["tokens"] == 510
         figures[name] = fidelity
     assert abs(figures["fp32"]["perplexity_ratio"] - 1) < 1e-3 and figures["fp32"]["top1_agreement"] == 1.0
-    assert figures["8da4w"]["perplexity_ratio"] > 1 and figures["8da4w"]["kl_mean"] > 1e-3
+    _assert_quantized_figures(figures["8da4w"], figures["fp32"])
 
 
 def test_reference_json_is_small_listed_and_the_eager_greedy_continuation(bundles, trained_model):

@@ -7,7 +7,6 @@ Slow: three builds (each exports and lowers a real program), shared by the tests
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from mobile_export.cli import main
 
 pytestmark = pytest.mark.slow
 
-CALIBRATION_FILES = ("argparse.py", "difflib.py")  # trained on or not, never the held-out eval text
 BUILDS = {
     "gptq": ["--quant-algo", "gptq"],
     "hqq": ["--quant-algo", "hqq"],
@@ -27,17 +25,11 @@ BUILDS = {
 
 
 @pytest.fixture(scope="module")
-def texts(tmp_path_factory) -> tuple[Path, Path]:
+def texts() -> tuple[Path, Path]:
     """(calibration text, held-out eval text) as files."""
-    from trained_model import heldout_text
+    from trained_model import FIXTURES
 
-    folder = tmp_path_factory.mktemp("texts")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    calib = folder / "calib.txt"
-    calib.write_text("\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in CALIBRATION_FILES))
-    heldout = folder / "heldout.txt"
-    heldout.write_text(heldout_text())
-    return calib, heldout
+    return FIXTURES / "calib.txt", FIXTURES / "heldout.txt"  # shipped: the same bytes on every machine
 
 
 @pytest.fixture(scope="module")

@@ -1,58 +1,48 @@
-"""The trained tiny Llama fixture (``tools/train_tiny_model.py``), trained once and cached.
+"""The trained model folders the tests run on, shipped in ``tests/fixtures/models/``.
 
-The cache folder is keyed by the training script's sha256 and the Python version (the training
-text is that Python's standard library), so editing the script retrains. A file lock makes
-parallel test processes wait for one training instead of each running their own.
+They are trained once by ``tools/make_test_fixtures.py`` and committed with their sha256
+(``SHA256SUMS``, checked by ``tests/test_fixtures.py``), not retrained per machine: training is
+deterministic on one machine but not across CPUs, and expectations must not depend on which
+machine trained the weights.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train_tiny_model.py"
-
-
-def _trainer():
-    spec = importlib.util.spec_from_file_location("train_tiny_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/mobile-export`` (default ``~/.cache/mobile-export``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mobile-export"
-
-
-def cache_key() -> str:
-    """sha256 of the training script and the Python version, shortened."""
-    digest = hashlib.sha256(SCRIPT.read_bytes() + sys.version.split()[0].encode())
-    return digest.hexdigest()[:16]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "models"
+SUMS = FIXTURES / "SHA256SUMS"
 
 
 def trained_model_dir() -> Path:
-    """The trained model's Hugging Face folder, training it first if it is not cached yet."""
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"trained-tiny-llama-{cache_key()}"
-    if (folder / "training.json").is_file():
-        return folder
-    with (root / f"{folder.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it right now
-        try:
-            if not (folder / "training.json").is_file():
-                _trainer().train(folder, log=lambda line: print(f"[train_tiny_model] {line}", file=sys.stderr))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """The trained tiny Llama (``tools/train_tiny_model.py``): 4 layers, hidden 128, on stdlib source."""
+    return FIXTURES / "trained-tiny-llama"
+
+
+def tiny_model_dir(arch: str) -> Path:
+    """A briefly trained tiny folder of ``arch`` (``tests/tiny_models.py`` config), named ``tiny-<arch>``."""
+    folder = FIXTURES / f"tiny-{arch}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no fixture {folder}: run python tools/make_test_fixtures.py")
     return folder
 
 
 def heldout_text() -> str:
-    """Stdlib source the model never saw in training."""
-    return _trainer().heldout_text()
+    """Stdlib source the trained model never saw (a snapshot, so every Python reads the same text)."""
+    return (FIXTURES / "heldout.txt").read_text(encoding="utf-8")
+
+
+def expected_sums() -> dict[str, str]:
+    """Relative path -> sha256, as ``SHA256SUMS`` records them."""
+    rows = (line.split("  ", 1) for line in SUMS.read_text(encoding="utf-8").splitlines() if line)
+    return {path: digest for digest, path in rows}
+
+
+def actual_sums() -> dict[str, str]:
+    """Relative path -> sha256 of every fixture file on disk."""
+    return {
+        p.relative_to(FIXTURES).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(FIXTURES.rglob("*"))
+        if p.is_file() and p != SUMS
+    }

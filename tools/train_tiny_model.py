@@ -44,7 +44,7 @@ BATCH = 16
 STEPS = 240
 LEARNING_RATE = 4e-3
 WARMUP_STEPS = 10
-THREADS = 2
+THREADS = 1  # a second OpenMP thread waiting on a busy core makes each step many times slower
 # Stdlib modules never trained on: the held-out text of tests and benchmarks.
 HELDOUT_FILES = ("textwrap.py", "fractions.py", "shlex.py", "calendar.py")
 # Parts of the stdlib folder that are not the library's own code (or are mostly test data).
@@ -124,12 +124,12 @@ def training_tokens(files: list[Path]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def new_model(seed: int = SEED):
-    """The untrained model, initialised from ``seed``."""
+def new_model(seed: int = SEED, config: dict | None = None):
+    """The untrained model of ``config`` (default :data:`CONFIG`), initialised from ``seed``."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    fields = dict(CONFIG)
+    fields = dict(CONFIG if config is None else config)
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config)
@@ -155,17 +155,9 @@ def heldout_tokens(max_tokens: int = 2048) -> torch.Tensor:
     return torch.tensor(load_tokenizer().encode(heldout_text()).ids[:max_tokens], dtype=torch.long)
 
 
-def train(out: Path, steps: int = STEPS, log=print) -> dict:
-    """Train and write the Hugging Face folder to ``out`` (via a temporary folder renamed into
-    place); returns the facts written to ``training.json``."""
-    torch.set_num_threads(THREADS)
-    started = time.perf_counter()
-    files = training_files()
-    ids = training_tokens(files)
-    log(f"training text: {len(files)} stdlib files, {sum(p.stat().st_size for p in files)} bytes, {len(ids)} tokens")
-    model = new_model()
-    eval_ids = heldout_tokens()
-    random_ppl = perplexity(model, eval_ids)
+def fit(model, ids: torch.Tensor, steps: int, log=print, started: float | None = None) -> list[float]:
+    """AdamW on random windows of ``ids`` (seeded order), warm-up then cosine decay; returns the losses."""
+    started = time.perf_counter() if started is None else started
     model.train()
     generator = torch.Generator().manual_seed(SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), weight_decay=0.1)
@@ -191,6 +183,21 @@ def train(out: Path, steps: int = STEPS, log=print) -> dict:
         if step % 20 == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.perf_counter() - started:.0f}s)")
     model.eval()
+    return losses
+
+
+def train(out: Path, steps: int = STEPS, log=print) -> dict:
+    """Train and write the Hugging Face folder to ``out`` (via a temporary folder renamed into
+    place); returns the facts written to ``training.json``."""
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    files = training_files()
+    ids = training_tokens(files)
+    log(f"training text: {len(files)} stdlib files, {sum(p.stat().st_size for p in files)} bytes, {len(ids)} tokens")
+    model = new_model()
+    eval_ids = heldout_tokens()
+    random_ppl = perplexity(model, eval_ids)
+    losses = fit(model, ids, steps, log, started)
     trained_ppl = perplexity(model, eval_ids)
     seconds = time.perf_counter() - started
     facts = {
