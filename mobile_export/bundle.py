@@ -68,7 +68,7 @@ class ModelInfo(BaseModel):
     architecture: str
     license: str = "unknown"
     parameters: int
-    weights: str  # "hub", "local" or "random"
+    weights: str  # "hub", "local", "builtin" or "random"
     path: str | None = None  # the local folder the weights were loaded from (local builds)
 
 

@@ -80,7 +80,7 @@ def reference_source(bundle: Path, manifest: Manifest, model_path: Path | None, 
         local = Path(manifest.model.path) if manifest.model.path else None
         if local is not None and local.is_dir():
             model_path = local
-        elif random:
+        elif random or manifest.model.weights == "builtin":
             recipe = manifest.recipe.get("name")
         else:
             where = f" (built from {local}, which is not here)" if local else ""
@@ -111,6 +111,10 @@ def reference_source(bundle: Path, manifest: Manifest, model_path: Path | None, 
             describe=f"{loaded.name} (random weights, seed {seed})",
             recipe=loaded,
             options=SourceOptions(random_weights=True, seed=seed),
+        )
+    if manifest.model.weights == "builtin":
+        return ReferenceSource(
+            key=f"builtin:{loaded.name}", describe=f"{loaded.name} (built-in weights)", recipe=loaded, options=SourceOptions()
         )
     return ReferenceSource(
         key=f"hub:{loaded.hf_id}@{manifest.model.revision or loaded.revision}",

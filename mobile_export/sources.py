@@ -1,4 +1,5 @@
-"""Where weights come from: a local Hugging Face folder, the recipe's hub id, or random weights.
+"""Where weights come from: a local Hugging Face folder, the recipe's hub id, weights shipped with
+the package (built-in recipes), or random weights.
 
 Safety defaults: safetensors only (pickle checkpoints need ``--allow-pickle``), and
 ``trust_remote_code`` off unless ``--trust-remote-code`` is given.
@@ -16,7 +17,8 @@ from torch import nn
 from mobile_export.errors import UserError
 from mobile_export.recipes import Recipe
 
-DEMO_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+DEMO_TOKENIZER_DIR = ASSETS_DIR / "demo"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Above this many bytes of fp32 weights the original model is loaded in bf16 (the reference
 # then runs in bf16 too, and verification uses the looser bf16 thresholds).
@@ -41,7 +43,7 @@ class Source:
 
     model: nn.Module
     tokenizer: object
-    weights: str  # "hub", "local" or "random"
+    weights: str  # "hub", "local", "builtin" or "random"
     parameters: int
     dtype: torch.dtype
     hf_id: str | None = None
@@ -152,6 +154,29 @@ def _random_model(config, dtype: torch.dtype, seed: int) -> nn.Module:
     return model.eval()
 
 
+def builtin_weights(recipe: Recipe) -> Path | None:
+    """The weights a built-in recipe ships with (``assets/<name>/model.safetensors``), if any."""
+    path = ASSETS_DIR / recipe.name / "model.safetensors"
+    return path if recipe.source == "builtin" and path.is_file() else None
+
+
+def _builtin_model(config, weights: Path, dtype: torch.dtype) -> nn.Module:
+    """The recipe's architecture with its shipped weights (stored fp16, loaded at ``dtype``)."""
+    from safetensors.torch import load_file
+
+    model = _transformers().AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {name: tensor.to(dtype) for name, tensor in load_file(str(weights)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise UserError(
+            f"{weights} does not fit recipe config: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}",
+            hint="retrain it with tools/train_demo_model.py",
+        )
+    model.tie_weights()
+    return model.eval()
+
+
 def _pretrained_model(folder: Path, dtype: torch.dtype, options: SourceOptions) -> nn.Module:
     transformers = _transformers()
     weights = check_weight_files(folder, options.allow_pickle)
@@ -211,7 +236,13 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     notes = []
     if dtype != torch.float32:
         notes.append("original model loaded in bf16 (an fp32 copy would exceed the memory budget)")
-    if options.random_weights or folder is None:
+    shipped = builtin_weights(recipe) if folder is None and not options.random_weights else None
+    if shipped is not None:
+        model = _builtin_model(config, shipped, dtype)
+        weights = "builtin"
+        tokenizer = _load_tokenizer(shipped.parent, trust_remote_code=False)
+        own_tokenizer = True
+    elif options.random_weights or folder is None:
         model = _random_model(config, dtype, options.seed)
         weights = "random"
         has_tokenizer = folder is not None and any(

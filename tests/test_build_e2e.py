@@ -6,6 +6,7 @@ Slow (each build exports and lowers a real program): one build per architecture 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import pytest
@@ -46,24 +47,51 @@ def _comparison(manifest: dict, prefix: str) -> dict:
     return next(c for c in manifest["verification"]["comparisons"] if c["name"].startswith(prefix))
 
 
+def _assert_reads_as_text(text: str) -> None:
+    """Generated text that reads as language: words (not BPE fragments) of the prose the demo was
+    trained on, from a varied vocabulary. Random weights give one token repeated, or fragments
+    ("eric", "ptio") that are no word of that prose."""
+    from pydoc_data.topics import topics
+
+    known = set(re.findall(r"[a-z]+", " ".join(topics.values()).lower()))
+    words = re.findall(r"[a-z]+", text.lower())
+    assert len(words) >= 10 and len(set(words)) >= 6, text
+    assert max(words.count(w) for w in set(words)) <= len(words) / 2, text
+    assert sum(w in known for w in words) >= 0.9 * len(words), text
+
+
 def test_demo_build_run_inspect(tmp_path):
     """The README's first command: the built-in demo recipe, default quantization."""
     code, out = _build(["demo", "--target", "android", "-o", str(tmp_path)])
     assert code == 0, out
     bundle = tmp_path / "demo-android"
-    manifest = _check_bundle(bundle, scheme="8da4w", arch="llama", weights="random")
+    manifest = _check_bundle(bundle, scheme="8da4w", arch="llama", weights="builtin")
     lowering = _comparison(manifest, "lowering parity")
     assert lowering["passed"] and lowering["min_cosine"] >= 0.995
+    # shipped trained weights: the quantization cost is judged, not just recorded
+    assert manifest["verification"]["weights_meaningful"] is True
+    assert _comparison(manifest, "quantization cost")["enforced"] and _comparison(manifest, "quantization cost")["passed"]
     assert manifest["quantization"]["embedding"] == "int8"
     assert manifest["quantization"]["bits_per_weight"] < 8  # int4 weights + int8 embedding, scales included
 
-    run = CliRunner().invoke(main, ["run", str(bundle), "--prompt", "Once upon a time", "-n", "12"])
+    run = CliRunner().invoke(main, ["run", str(bundle), "--prompt", "The import statement", "-n", "64"])
     assert run.exit_code == 0, run.output
-    assert run.output.startswith("Once upon a time")
+    assert run.output.startswith("The import statement")
     assert "decode" in run.output and "tok/s" in run.output
+    _assert_reads_as_text(run.stdout)
 
     inspected = CliRunner().invoke(main, ["inspect", str(bundle)])
     assert inspected.exit_code == 0 and "all checksums match" in inspected.output
+
+    # the original model of a built-in bundle is the recipe's shipped weights: eval needs no --model-path
+    from mobile_export.fidelity import FIXED_EVAL_TEXT
+
+    evaluated = CliRunner().invoke(
+        main, ["eval", str(bundle), "--text", str(FIXED_EVAL_TEXT), "--max-tokens", "256", "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    row = json.loads(evaluated.stdout)["bundles"][0]
+    assert row["status"] == "ok" and 0 < row["kl_mean"] < 0.1 and row["top1_agreement"] > 0.8
 
     again, out = _build(["demo", "--target", "android", "-o", str(tmp_path)])
     assert again != 0 and "already exists" in out
