@@ -13,11 +13,22 @@ import torch
 
 from mobile_export.errors import UserError
 
+_NATIVE_LOGS = {"shown": False}
+
+
+def show_native_logs(shown: bool = True) -> None:
+    """Let native runtime logs through (``--verbose``) instead of silencing them."""
+    _NATIVE_LOGS["shown"] = shown
+
 
 @contextlib.contextmanager
 def native_output_silenced(streams: tuple[int, ...] = (1, 2)) -> Iterator[None]:
     """Send what native code writes to stdout/stderr to /dev/null (ExecuTorch's C++ logs CPU
-    probing and runner statistics there); Python-level output is flushed first and unaffected after."""
+    probing, kernel notices and runner statistics there); Python-level output is flushed first
+    and unaffected after. A no-op after :func:`show_native_logs` (``--verbose``)."""
+    if _NATIVE_LOGS["shown"]:
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(fd) for fd in streams]
@@ -83,7 +94,8 @@ class ExecuTorchDecoder:
             )
         ids = torch.tensor([tokens], dtype=torch.long)
         pos = torch.tensor([start_pos], dtype=torch.long)
-        out = self._method.execute([ids, pos])[0]
+        with native_output_silenced():
+            out = self._method.execute([ids, pos])[0]
         return out.reshape(-1, out.shape[-1])[-1].float()
 
 
@@ -98,7 +110,8 @@ def runner_generate(
     import json
 
     load_runtime_ops()
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    with native_output_silenced():  # its tokenizer library logs a regex notice on import
+        from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     try:
         with native_output_silenced():
