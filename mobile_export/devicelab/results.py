@@ -30,19 +30,18 @@ record (same bundle manifest, device, scenario parameters and repetition).
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobile_export.devicelab.record_shape import record_problem
 from mobile_export.errors import UserError
 
 RESULTS_SCHEMA = "mobile-export.bench"
 RESULTS_SCHEMA_VERSION = 1
 RESULTS_NAME = "results.jsonl"
 STATUSES = ("ok", "failed", "timeout", "skipped")
-TEXT_METRICS = ("memory_source",)  # every other metric is a number (or null)
 
 
 def measurement_key(record: dict) -> tuple[str, str, str, str, int]:
@@ -118,20 +117,7 @@ def _shape_problem(record: dict) -> str | None:
         measurement_key(record)
     except (KeyError, TypeError, ValueError) as exc:
         return f"incomplete record ({exc})"
-    if record["status"] == "ok" and not isinstance(record.get("metrics"), dict):
-        return "ok record without metrics"
-    if record["status"] == "ok":
-        for name, value in record["metrics"].items():
-            if name not in TEXT_METRICS and value is not None and not _finite_number(value):
-                return f"malformed row: metric '{name}' is {value!r}, not a number"
-        size = record["bundle"].get("bundle_bytes") if isinstance(record["bundle"], dict) else None
-        if size is not None and not _finite_number(size):
-            return f"malformed row: bundle_bytes is {size!r}, not a number"
-    return None
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return record_problem(record)
 
 
 def done_keys(records: Iterable[dict]) -> set[tuple]:

@@ -70,6 +70,7 @@ class ExecuTorchDecoder:
             raise UserError(f"ExecuTorch could not load {pte_path}: {exc}", hint="rebuild the bundle") from exc
         self.load_seconds = time.perf_counter() - start
         self.max_seq_len = self.metadata("get_max_seq_len")
+        self.vocab_size = self.metadata("get_vocab_size")
 
     def metadata(self, name: str):
         """Value of a constant metadata method (e.g. ``get_max_seq_len``), or None if absent."""
@@ -91,6 +92,12 @@ class ExecuTorchDecoder:
             raise UserError(
                 f"sequence of {start_pos + len(tokens)} tokens exceeds the model's context of {self.max_seq_len}",
                 hint="use a shorter prompt or fewer new tokens",
+            )
+        bad = [t for t in tokens if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
+        if bad:  # an out-of-range id aborts the process inside ExecuTorch's embedding kernel
+            raise UserError(
+                f"token id {bad[0]} is outside the model's vocabulary of {self.vocab_size}",
+                hint="the bundle's tokenizer or reference does not belong to its model; rebuild the bundle",
             )
         ids = torch.tensor([tokens], dtype=torch.long)
         pos = torch.tensor([start_pos], dtype=torch.long)
