@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mobile_export.bundle_paths import MANIFEST_NAME, covers, inside, manifest_path_problem
 from mobile_export.errors import UserError, describe_validation_error
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 
 
@@ -102,7 +102,7 @@ class Manifest(BaseModel):
     def artifact_bytes(self) -> int:
         """Bytes of the artifact's files (a folder artifact counts everything under it)."""
         names = self.artifact.get("files") or [self.artifact["file"]]
-        return sum(f.bytes for f in self.files if any(_covers(n, f.path) for n in names))
+        return sum(f.bytes for f in self.files if any(covers(n, f.path) for n in names))
 
     def vocab_size(self) -> int | None:
         """The model's vocabulary size: the runner metadata's, else the logits output's last dim."""
@@ -114,11 +114,6 @@ class Manifest(BaseModel):
             if spec.name == "logits" and spec.shape and isinstance(spec.shape[-1], int) and spec.shape[-1] > 0:
                 return spec.shape[-1]
         return None
-
-
-def _covers(name: str, path: str) -> bool:
-    """True when ``path`` is ``name`` itself or a file under the folder ``name``."""
-    return path == name or path.startswith(name + "/")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -285,67 +280,12 @@ def read_manifest(bundle: Path) -> Manifest:
     return manifest
 
 
-def plain_relative_path_problem(value: object) -> str | None:
-    """Why ``value`` is not a plain relative posix path inside a folder (None when it is one):
-    no absolute paths, drive letters, backslashes, empty, '.' or '..' parts, or control characters."""
-    if not isinstance(value, str):
-        return f"{value!r} is not a string"
-    if not value or any(ord(c) < 32 for c in value):
-        return f"{value!r} is empty or has control characters"
-    if value.startswith("/") or "\\" in value or (len(value) > 1 and value[1] == ":"):
-        return f"{value!r} is not a relative path"
-    if any(part in ("", ".", "..") for part in value.split("/")):
-        return f"{value!r} has an empty, '.' or '..' part"
-    return None
-
-
-def _inside(root: Path, path: Path) -> bool:
-    """True when ``path`` (symbolic links followed) lies inside ``root``."""
-    return path.resolve().is_relative_to(root.resolve())
-
-
-def manifest_path_problem(bundle: Path, manifest: Manifest) -> str | None:
-    """The first path the manifest names that could reach outside the bundle, or an artifact
-    that no checksum covers; None when every path is a plain relative one inside ``bundle``."""
-    listed: set[str] = set()
-    for index, entry in enumerate(manifest.files):
-        problem = plain_relative_path_problem(entry.path)
-        if problem is None and entry.path == MANIFEST_NAME:
-            problem = f"{entry.path!r} is the manifest itself"
-        if problem is None and entry.path in listed:
-            problem = f"{entry.path!r} is listed twice"
-        if problem is None and not _inside(bundle, bundle / entry.path):
-            problem = f"{entry.path!r} leads outside the bundle (a symbolic link?)"
-        if problem:
-            return f"key 'files.{index}.path': {problem}"
-        listed.add(entry.path)
-    artifact = manifest.artifact
-    names: list[tuple[str, object]] = [("artifact.file", artifact.get("file"))]
-    extra = artifact.get("files")
-    if extra is not None:
-        if not isinstance(extra, list):
-            return "key 'artifact.files': expected a list of file names"
-        names += [(f"artifact.files.{i}", name) for i, name in enumerate(extra)]
-    if artifact.get("compiled") is not None:
-        names.append(("artifact.compiled", artifact["compiled"]))
-    names += [(f"tokenizer.files.{i}", name) for i, name in enumerate(manifest.tokenizer.files)]
-    for key, name in names:
-        if key == "artifact.file" and name is None:
-            return "key 'artifact.file' missing: the manifest must name its artifact"
-        problem = plain_relative_path_problem(name)
-        if problem:
-            return f"key '{key}': {problem}"
-        if not any(_covers(name, p) for p in listed):
-            return f"key '{key}': {name!r} is not one of the bundle's checksummed files"
-    return None
-
-
 def verify_checksums(bundle: Path, manifest: Manifest) -> list[str]:
     """Problems found re-checking every listed file (missing, size or sha256 mismatch); empty if none."""
     problems = []
     for entry in manifest.files:
         path = bundle / entry.path
-        if path.is_symlink() and not _inside(bundle, path):
+        if path.is_symlink() and not inside(bundle, path):
             problems.append(f"{entry.path}: a link that leads outside the bundle")
         elif not path.is_file():
             problems.append(f"{entry.path}: missing")

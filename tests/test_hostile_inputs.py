@@ -32,8 +32,8 @@ from mobile_export.cli import main
 from mobile_export.reference import REFERENCE_NAME
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARKER = "MOBILE_EXPORT_MARKER"
 
 _opened: list[str] | None = None

@@ -23,7 +23,7 @@ def check_external_data(model_path: Path) -> None:
     initializer's ``location`` that is absolute, has '..' parts or leads out through a link)."""
     import onnx
 
-    from mobile_export.bundle import plain_relative_path_problem
+    from mobile_export.bundle_paths import plain_relative_path_problem
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
