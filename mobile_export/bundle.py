@@ -323,6 +323,8 @@ def load_tokenizer(bundle: Path, manifest: Manifest | None = None):
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="mobile-export-tokenizer-") as tmp:
         for name in manifest.tokenizer.files:
+            if not (bundle / name).is_file():
+                raise UserError(f"{bundle}: tokenizer file {name} is missing or not a file", hint="rebuild the bundle")
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(bundle / name, target)

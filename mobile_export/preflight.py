@@ -20,6 +20,8 @@ SIZE_KEYS = (
     "head_dim",
     "max_position_embeddings",
 )
+# Of these, null is no size either (the others may be null: derived from the rest).
+NON_NULL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 # Above this share of the machine's memory a build is refused before it starts.
 MEMORY_SHARE = 0.9
 
@@ -37,7 +39,7 @@ def model_config_problem(config: dict) -> str | None:
             continue
         for key in SIZE_KEYS:
             value = block.get(key)
-            if value is not None and not _positive_int(value):
+            if (value is not None or (key in block and key in NON_NULL_KEYS)) and not _positive_int(value):
                 return f"{prefix}{key} must be a positive integer, not {value!r}"
         heads, kv_heads = block.get("num_attention_heads"), block.get("num_key_value_heads")
         hidden = block.get("hidden_size")

@@ -35,13 +35,19 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARKER = "MOBILE_EXPORT_MARKER"
+TOKENIZER_COPY = "mobile-export-tokenizer-"  # bundle.load_tokenizer's private copy
 
 _opened: list[str] | None = None
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
 def _audit(event: str, args: tuple) -> None:
     if _opened is not None and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
-        _opened.append(os.path.abspath(os.fsdecode(args[0])))
+        mode, flags = args[1], args[2]
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
+        _opened.append((os.path.abspath(os.fsdecode(args[0])), writes))
 
 
 sys.addaudithook(_audit)  # inert unless a test is recording
@@ -189,8 +195,19 @@ def run_cli(sandbox: Sandbox, *args, allowed_new: tuple[Path, ...] = ()) -> obje
         lines = result.stderr.splitlines()
         errors = [line for line in lines if line.startswith("error:")]
         assert len(errors) == 1 and lines[-1] == errors[0], (result.exit_code, result.stderr[-2000:])
-    touched = [p for p in opened if Path(p).is_relative_to(sandbox.outside)]
+    touched = [p for p, _ in opened if Path(p).is_relative_to(sandbox.outside)]
     assert not touched, touched
+    # Writes only in the output folder, or in the private copy a bundle's tokenizer is loaded from.
+    scratch = Path(tempfile.gettempdir())
+    written = [
+        p
+        for p, writes in opened
+        if writes
+        and p != os.devnull
+        and not Path(p).is_relative_to(sandbox.output)
+        and not (Path(p).is_relative_to(scratch) and Path(p).relative_to(scratch).parts[0].startswith(TOKENIZER_COPY))
+    ]
+    assert not written, written
     assert not (sandbox.root / MARKER).exists()
     new = {p for p in sandbox.files() - before if not any(p.is_relative_to(a) for a in allowed_new)}
     assert not new, sorted(map(str, new))

@@ -224,6 +224,30 @@ def test_artifact_must_be_a_checksummed_file(bundle):
     assert "'other.pte' is not one of the bundle's checksummed files" in line
 
 
+def test_folder_artifacts_are_covered_by_their_files(tmp_path):
+    """A Core ML package is a folder: its files are checksummed, the folder name is the artifact."""
+    from fake_bundles import make_manifest
+
+    folder = tmp_path / "demo-ios"
+    (folder / "model.mlpackage" / "Data").mkdir(parents=True)
+    (folder / "model.mlpackage" / "Data" / "weights.bin").write_bytes(b"w" * 64)
+    (folder / "model.mlpackage" / "Manifest.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text("{}")
+    artifact = {"file": "model.mlpackage", "format": "coreml-mlpackage"}
+    write_manifest(folder, make_manifest(target="ios", backend="coreml", artifact=artifact))
+    manifest = read_manifest(folder)
+    assert manifest.artifact_bytes() == 64 + 2
+    edit_manifest(folder, lambda m: m["tokenizer"].update(files=["model.mlpackage"]))
+    from mobile_export.run import load_bundle_tokenizer
+
+    with pytest.raises(UserError, match="tokenizer file model.mlpackage is missing or not a file"):
+        load_bundle_tokenizer(folder)
+    edit_manifest(folder, lambda m: m["artifact"].update(file="model.mlpack"))
+    line = error_line(invoke("inspect", folder))
+    assert "'model.mlpack' is not one of the bundle's checksummed files" in line
+
+
 @pytest.mark.parametrize("value", [None, 7, ["model.pte"]])
 @pytest.mark.parametrize("command", ["run", "verify"])
 def test_artifact_without_a_string_file(bundle, value, command):
