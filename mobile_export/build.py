@@ -34,6 +34,7 @@ from mobile_export.console import StepUI
 from mobile_export.errors import UserError, VerificationError
 from mobile_export.fidelity import artifact_fidelity, build_eval_reference, fidelity_summary, read_text
 from mobile_export.memory import release_memory
+from mobile_export.preflight import check_memory, read_config_json
 from mobile_export.quant_algos.calibration import Calibration, load_calibration
 from mobile_export.quant_algos.pipeline import check_algorithm_support, quantize_decoder
 from mobile_export.quantize import CALIBRATED, QuantReport, QuantSpec
@@ -120,16 +121,13 @@ def resolve_recipe(request: BuildRequest) -> Recipe:
     if request.model_path is None:
         raise UserError("nothing to build", hint="name a recipe, or pass --model-path DIR")
     if not request.model_path.is_dir():
-        raise UserError(f"model folder {request.model_path} does not exist")
-    import json
-
-    config_path = request.model_path / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{request.model_path} has no config.json", hint="pass a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{config_path} is not valid JSON", hint="fix or re-download config.json") from exc
+        raise UserError(
+            f"model folder {request.model_path} does not exist"
+            if not request.model_path.exists()
+            else f"model path {request.model_path} is not a folder",
+            hint="pass a Hugging Face model folder",
+        )
+    config = read_config_json(request.model_path)
     name = re.sub(r"[^a-z0-9._-]+", "-", request.model_path.resolve().name.lower()).strip("-._") or "model"
     return recipe_from_model_config(config, name)
 
@@ -261,6 +259,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     options = backend.check_options(backend_options(recipe, request, backend), spec)
     max_seq_len = context_length(recipe, request)
     kv_bytes = check_kv_budget(recipe, request, max_seq_len, backend)
+    check_memory(recipe.config, kv_bytes)
     name = bundle_name(recipe.name, request.target, backend.name, settings.backend)
     final_dir = request.output_dir / name
     check_destination(final_dir, request.force)
@@ -305,7 +304,9 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         calibration = load_calibration(
             request.calib_text, lambda text: tokenizer(text)["input_ids"], spec.algo, max_seq_len, vocab_size
         )
-        ui.note(f"calibration: {calibration.tokens} tokens of {request.calib_text} in {len(calibration.windows)} windows")
+        ui.note(
+            f"calibration: {calibration.tokens} tokens of {request.calib_text} in {len(calibration.windows)} windows"
+        )
 
     with ui.step(f"Prepare and quantize ({spec.label})"):
         decoder, report = convert(source.model, spec, max_seq_len, backend, ui, calibration)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mobile_export.bundle_paths import MANIFEST_NAME, covers, inside, manifest_path_problem
 from mobile_export.errors import UserError, describe_validation_error
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 
 
@@ -35,8 +35,8 @@ class FileEntry(BaseModel):
     """One file of the bundle with its size and checksum."""
 
     path: str
-    bytes: int
-    sha256: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class TensorSpec(BaseModel):
@@ -102,7 +102,18 @@ class Manifest(BaseModel):
     def artifact_bytes(self) -> int:
         """Bytes of the artifact's files (a folder artifact counts everything under it)."""
         names = self.artifact.get("files") or [self.artifact["file"]]
-        return sum(f.bytes for f in self.files if any(f.path == n or f.path.startswith(n + "/") for n in names))
+        return sum(f.bytes for f in self.files if any(covers(n, f.path) for n in names))
+
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size: the runner metadata's, else the logits output's last dim."""
+        meta = self.artifact.get("metadata")
+        value = meta.get("get_vocab_size") if isinstance(meta, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        for spec in self.outputs:
+            if spec.name == "logits" and spec.shape and isinstance(spec.shape[-1], int) and spec.shape[-1] > 0:
+                return spec.shape[-1]
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -139,9 +150,46 @@ def bundle_name(recipe: str, target: str, backend: str, default_backend: str) ->
 
 
 def check_destination(final_dir: Path, force: bool) -> None:
-    """Refuse to overwrite an existing bundle unless forced."""
+    """Refuse to overwrite an existing bundle unless forced, and refuse a destination that cannot
+    be written (a file where a folder is needed, no write permission) before any work starts."""
+    if final_dir.is_symlink() or (final_dir.exists() and not final_dir.is_dir()):
+        raise UserError(f"output {final_dir} exists and is not a folder", hint="remove it or pick another -o")
     if final_dir.exists() and not force:
         raise UserError(f"output folder {final_dir} already exists", hint="pass --force to replace it")
+    parent = final_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output folder {final_dir.parent}: {parent} is a file", hint="pick another -o")
+    try:  # a real probe: permission bits say little to root, or on read-only and virtual file systems
+        fd, probe = tempfile.mkstemp(prefix=".mobile-export-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"output folder {final_dir.parent}: cannot write in {parent} ({exc.strerror})", hint="pick another -o"
+        ) from exc
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(folder: Path) -> None:
+    """Give ``folder`` and everything under it the modes of ordinary files and folders under
+    the user's umask (0755/0644 with the usual 022) instead of the private ones of temporary files."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            Path(root, name).chmod(0o777 & ~mask)
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -152,10 +200,14 @@ def staged_bundle(final_dir: Path, force: bool) -> Iterator[Path]:
     as it was.
     """
     check_destination(final_dir, force)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    try:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    except OSError as exc:
+        raise UserError(f"cannot create {final_dir}: {exc.strerror}", hint="pick another -o") from exc
     try:
         yield staging
+        normalize_modes(staging)
         _replace_dir(staging, final_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,10 +236,12 @@ def write_zip(folder: Path, zip_path: Path) -> Path:
     """Zip ``folder`` (as a top-level folder of the same name) to ``zip_path`` atomically."""
     fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.tmp-", dir=zip_path.parent)
     os.close(fd)
+    normalize_modes(folder)  # the members keep their on-disk modes
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 archive.write(path, arcname=f"{zip_path.stem}/{path.relative_to(folder).as_posix()}")
+        Path(tmp).chmod(0o666 & ~_umask())
         os.replace(tmp, zip_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -217,9 +271,13 @@ def read_manifest(bundle: Path) -> Manifest:
             hint="upgrade mobile-export",
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {describe_validation_error(exc)}", hint="rebuild the bundle") from exc
+    problem = manifest_path_problem(bundle, manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}", hint="a bundle may only name its own files; rebuild the bundle")
+    return manifest
 
 
 def verify_checksums(bundle: Path, manifest: Manifest) -> list[str]:
@@ -227,7 +285,9 @@ def verify_checksums(bundle: Path, manifest: Manifest) -> list[str]:
     problems = []
     for entry in manifest.files:
         path = bundle / entry.path
-        if not path.is_file():
+        if path.is_symlink() and not inside(bundle, path):
+            problems.append(f"{entry.path}: a link that leads outside the bundle")
+        elif not path.is_file():
             problems.append(f"{entry.path}: missing")
         elif path.stat().st_size != entry.bytes:
             problems.append(f"{entry.path}: size {path.stat().st_size} != {entry.bytes} in manifest")
@@ -251,3 +311,29 @@ def open_bundle(bundle: Path) -> Manifest:
     if problems:
         raise checksum_error(bundle, problems)
     return manifest
+
+
+def load_tokenizer(bundle: Path, manifest: Manifest | None = None):
+    """The bundle's tokenizer, loaded from a private copy of exactly the checksummed files the
+    manifest lists under ``tokenizer.files``, with remote code refused: nothing else in the
+    folder (model code, links, stray files) is ever read, and transformers never prompts."""
+    import transformers
+
+    manifest = manifest or read_manifest(bundle)
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="mobile-export-tokenizer-") as tmp:
+        for name in manifest.tokenizer.files:
+            if not (bundle / name).is_file():
+                raise UserError(f"{bundle}: tokenizer file {name} is missing or not a file", hint="rebuild the bundle")
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle / name, target)
+        try:
+            return transformers.AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        except Exception as exc:  # missing, unreadable or code-requiring tokenizer files
+            if "trust_remote_code" in str(exc):
+                raise UserError(
+                    f"the tokenizer in {bundle} asks to run its own Python code (auto_map); bundles never run code",
+                    hint="rebuild the bundle with a tokenizer that needs no custom code",
+                ) from exc
+            raise UserError(f"cannot load the tokenizer in {bundle}: {exc}", hint="rebuild the bundle") from exc

@@ -94,12 +94,23 @@ def main() -> None:
 )
 @click.option("--no-eval", is_flag=True, help="Skip the fidelity measurement (perplexity ratio, KL) of the artifact.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print the summary.")
-def build(recipe: str | None, target: str, quiet: bool, **options) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Also show native runtime logs and library warnings.")
+def build(recipe: str | None, target: str, quiet: bool, verbose: bool, **options) -> None:
     """Build a verified bundle from RECIPE (or --model-path) for --target."""
     from mobile_export.build import BuildRequest
     from mobile_export.build import build as run_build
     from mobile_export.console import StepUI
     from mobile_export.report import print_build_summary
+
+    if verbose:
+        from mobile_export.runtimes.executorch import show_native_logs
+
+        show_native_logs()
+    else:
+        import warnings
+
+        # Our KV caches are mutated buffers whose initial state is meant to be meaningless.
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model", category=UserWarning)
 
     request = BuildRequest(recipe=recipe, target=target, **options)
     result = run_build(request, StepUI(quiet=quiet))

@@ -14,8 +14,10 @@ class UserError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        """The message and its hint as a single line."""
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+        """The message and its hint as a single line (line breaks of wrapped library messages
+        folded into spaces)."""
+        text = f"{self.message} ({self.hint})" if self.hint else self.message
+        return " ".join(text.split())
 
 
 class VerificationError(UserError):

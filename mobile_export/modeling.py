@@ -546,10 +546,12 @@ class ExportableDecoder(nn.Module):
         if self.attention != "onnx":
             _replace_norms(self)
 
-
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         """Eager call in the runner's convention: feed ``tokens`` at ``start_pos``, get logits [vocab] (fp32)."""
-        with torch.no_grad():
+        from mobile_export.runtimes.executorch import native_output_silenced
+
+        # ExecuTorch's eager custom ops log CPU probing and "No temp allocator provided" natively.
+        with torch.no_grad(), native_output_silenced():
             ids = torch.tensor([tokens], dtype=torch.long)
             return self.run(ids, start_pos, start_pos + len(tokens))[0].float()
 

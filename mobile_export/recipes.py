@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mobile_export.errors import UserError, describe_validation_error
+from mobile_export.preflight import model_config_problem
 
 TARGETS: tuple[str, ...] = ("android", "ios")
 # Backends a target can name, in preference order. Which of them this version can build is
@@ -88,6 +89,14 @@ class Recipe(_Strict):
             raise ValueError("lower-case letters, digits, '.', '-' and '_' only")
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _usable_sizes(cls, value: dict) -> dict:
+        problem = model_config_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, value: dict[str, TargetSettings]) -> dict[str, TargetSettings]:
@@ -151,6 +160,8 @@ def load_recipe_file(path: Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start})", hint="save the recipe as UTF-8") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

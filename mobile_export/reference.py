@@ -18,6 +18,7 @@ figures say nothing (quantized random weights).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -163,8 +164,11 @@ def write_reference(folder: Path, reference: ReferenceFile) -> Path:
     return path
 
 
-def read_reference(bundle: Path) -> ReferenceFile:
-    """Load and validate a bundle's ``reference.json``; one-line errors for missing or broken files."""
+def read_reference(bundle: Path, vocab_size: int | None = None, context_length: int | None = None) -> ReferenceFile:
+    """Load and validate a bundle's ``reference.json``; one-line errors for missing or broken files.
+
+    With the bundle's ``vocab_size`` and ``context_length`` every token id and every sequence is
+    checked against them too, so nothing out of range ever reaches a native runtime."""
     path = bundle / REFERENCE_NAME
     if not path.is_file():
         raise UserError(f"{bundle} has no {REFERENCE_NAME}", hint="rebuild the bundle with this mobile-export")
@@ -182,13 +186,50 @@ def read_reference(bundle: Path) -> ReferenceFile:
         reference = ReferenceFile.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {describe_validation_error(exc)}", hint="rebuild the bundle") from exc
-    for index, prompt in enumerate(reference.prompts):
-        if len(prompt.steps) != len(prompt.greedy_tokens) or not prompt.token_ids:
-            raise UserError(
-                f"{path}: prompt {index} has {len(prompt.steps)} steps for {len(prompt.greedy_tokens)} greedy tokens",
-                hint="rebuild the bundle",
-            )
+    problem = reference_problem(reference, vocab_size, context_length)
+    if problem:
+        raise UserError(f"{path}: {problem}", hint="rebuild the bundle")
     return reference
+
+
+def reference_problem(reference: ReferenceFile, vocab_size: int | None, context_length: int | None) -> str | None:
+    """The first inconsistency of a parsed reference (lengths, token ids out of the vocabulary,
+    sequences longer than the context, non-finite figures); None when it can be run as is."""
+    if not reference.prompts:
+        return "no prompts"
+    limits = reference.thresholds
+    for name in ("min_top1_agreement", "max_abs_logprob_diff", "max_mean_abs_logprob_diff", "tie_margin"):
+        value = getattr(limits, name)
+        if value is not None and not math.isfinite(value):
+            return f"key 'thresholds.{name}': {value} is not a finite number"
+    for index, prompt in enumerate(reference.prompts):
+        where = f"prompt {index}"
+        if not prompt.token_ids:
+            return f"{where} has no token_ids"
+        if len(prompt.steps) != len(prompt.greedy_tokens):
+            return f"{where} has {len(prompt.steps)} steps for {len(prompt.greedy_tokens)} greedy tokens"
+        if context_length is not None and len(prompt.token_ids) + len(prompt.greedy_tokens) > context_length:
+            return (
+                f"{where} needs {len(prompt.token_ids) + len(prompt.greedy_tokens)} positions; "
+                f"the bundle's context is {context_length}"
+            )
+        for step_index, step in enumerate(prompt.steps):
+            if not step.top_ids or len(step.top_ids) != len(step.top_logprobs):
+                return (
+                    f"{where} step {step_index}: {len(step.top_ids)} top_ids for {len(step.top_logprobs)} top_logprobs"
+                )
+            if not all(math.isfinite(v) for v in step.top_logprobs):
+                return f"{where} step {step_index}: top_logprobs are not all finite numbers"
+        ids = [
+            *prompt.token_ids,
+            *prompt.greedy_tokens,
+            *(t for step in prompt.steps for t in step.top_ids),
+        ]
+        bad = next((t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+        if bad is not None:
+            limit = f"0..{vocab_size - 1}" if vocab_size is not None else "0 or more"
+            return f"{where}: token id {bad} is outside the vocabulary ({limit})"
+    return None
 
 
 @dataclass
@@ -318,7 +359,7 @@ def verify_bundle(bundle: Path) -> tuple[ParityReport, dict]:
     from mobile_export.targets import get_backend
 
     manifest = open_bundle(bundle)
-    reference = read_reference(bundle)
+    reference = read_reference(bundle, manifest.vocab_size(), manifest.context_length)
     runtime = get_backend(manifest.backend).open(bundle / manifest.artifact["file"])
     report = check_outputs(reference, run_reference(runtime, reference))
     facts = {

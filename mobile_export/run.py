@@ -5,21 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from mobile_export.bundle import open_bundle
+from mobile_export.bundle import load_tokenizer, open_bundle
 from mobile_export.errors import UserError
 from mobile_export.generate import GenerationStats, TextStreamer, generate
 from mobile_export.targets import get_backend
 
 
 def load_bundle_tokenizer(bundle: Path):
-    """The tokenizer saved in a bundle."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(bundle))
-    except Exception as exc:  # missing or unreadable tokenizer files
-        raise UserError(f"cannot load the tokenizer in {bundle}: {exc}", hint="rebuild the bundle") from exc
+    """The tokenizer saved in a bundle (only its listed files; never its code: see bundle.load_tokenizer)."""
+    return load_tokenizer(bundle)
 
 
 def run_bundle(bundle: Path, prompt: str, max_new_tokens: int, out: TextIO) -> GenerationStats:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mobile_export.errors import UserError
+from mobile_export.preflight import read_config_json, weight_shape_mismatch
 from mobile_export.recipes import Recipe
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -123,6 +124,10 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError for missing or broken files
+        if "trust_remote_code" in str(exc):
+            raise UserError(
+                f"the tokenizer in {folder} needs its own Python code", hint="pass --trust-remote-code if you trust it"
+            ) from exc
         raise UserError(
             f"cannot load a tokenizer from {folder}: {exc}", hint="the folder needs tokenizer.json"
         ) from exc
@@ -135,8 +140,7 @@ def demo_tokenizer():
 
 def _load_config(folder: Path, trust_remote_code: bool):
     transformers = _transformers()
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
+    read_config_json(folder)  # a JSON object with usable sizes, or one error line
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -145,6 +149,8 @@ def _load_config(folder: Path, trust_remote_code: bool):
                 f"{folder} needs custom model code", hint="pass --trust-remote-code if you trust it"
             ) from exc
         raise UserError(f"unsupported model in {folder}: {exc}") from exc
+    except Exception as exc:  # odd values transformers does not check (e.g. a string where a dict goes)
+        raise UserError(f"unsupported model in {folder}: {exc}", hint="fix or re-download config.json") from exc
 
 
 def _random_model(config, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -186,8 +192,12 @@ def _pretrained_model(folder: Path, dtype: torch.dtype, options: SourceOptions) 
             str(folder), dtype=dtype, use_safetensors=use_safetensors, trust_remote_code=options.trust_remote_code
         )
     except Exception as exc:  # transformers wraps many failure kinds
+        mismatched = "mismatched" in str(exc) and use_safetensors
+        mismatch = (
+            weight_shape_mismatch(folder, _load_config(folder, options.trust_remote_code)) if mismatched else None
+        )
         raise UserError(
-            f"cannot load the model in {folder}: {exc}", hint="check the folder's weights and config"
+            f"cannot load the model in {folder}: {mismatch or exc}", hint="check the folder's weights and config"
         ) from exc
     return model.eval()
 
@@ -215,7 +225,12 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     folder = options.model_path
     if folder is not None:
         if not folder.is_dir():
-            raise UserError(f"model folder {folder} does not exist")
+            raise UserError(
+                f"model folder {folder} does not exist"
+                if not folder.exists()
+                else f"model path {folder} is not a folder",
+                hint="pass a Hugging Face model folder",
+            )
         config = _load_config(folder, options.trust_remote_code)
         if recipe.source == "hub" and config.model_type != recipe.architecture:
             raise UserError(

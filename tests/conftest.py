@@ -23,3 +23,50 @@ def tiny_model_dir():
     from trained_model import tiny_model_dir
 
     return tiny_model_dir
+
+
+TINY_RECIPE = {
+    "name": "tiny-secure",
+    "description": "1-layer Llama shape for the security tests.",
+    "source": "builtin",
+    "license": "apache-2.0",
+    "architecture": "llama",
+    "context_length": 64,
+    "config": {
+        "model_type": "llama",
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    },
+    "targets": {"android": {"backend": "xnnpack", "quant": {"scheme": "8da4w", "embedding": "int8"}}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized_build(tmp_path_factory) -> tuple[Path, str]:
+    """A real 8da4w bundle of a 1-layer Llama shape (random weights), built once per session by
+    the CLI in a fresh process (so what native code writes to its stderr is seen): the bundle
+    folder (read-only for tests: copy it to change it) and the build's stderr."""
+    import subprocess
+
+    import yaml
+
+    folder = tmp_path_factory.mktemp("tiny-quantized-build")
+    recipe = folder / "tiny-secure.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "mobile_export.cli", "build", str(recipe), "-t", "android", "--random-weights"]
+        + ["--no-eval", "-o", str(folder / "dist")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "dist" / "tiny-secure-android", done.stderr

@@ -220,7 +220,7 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
     peak, source = peak_memory()
     extra = {}
     if (bundle / REFERENCE_NAME).is_file():  # after the measurement: not timed, not in the peak
-        outputs = run_reference(runtime, read_reference(bundle))
+        outputs = run_reference(runtime, read_reference(bundle, manifest.vocab_size(), manifest.context_length))
         extra["reference_outputs"] = [{"tokens": o.tokens, "logprobs": o.logprobs} for o in outputs]
     return {
         "bundle_manifest_sha256": manifest_sha,

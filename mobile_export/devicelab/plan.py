@@ -221,6 +221,8 @@ def load_plan(path: Path) -> tuple[Plan, str]:
         ) from None
     except OSError as exc:
         raise UserError(f"cannot read plan {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"plan {path} is not UTF-8 text (byte {exc.start})", hint="save the plan as UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobile_export.devicelab.record_shape import record_problem
 from mobile_export.errors import UserError
 
 RESULTS_SCHEMA = "mobile-export.bench"
@@ -116,9 +117,7 @@ def _shape_problem(record: dict) -> str | None:
         measurement_key(record)
     except (KeyError, TypeError, ValueError) as exc:
         return f"incomplete record ({exc})"
-    if record["status"] == "ok" and not isinstance(record.get("metrics"), dict):
-        return "ok record without metrics"
-    return None
+    return record_problem(record)
 
 
 def done_keys(records: Iterable[dict]) -> set[tuple]:

@@ -13,11 +13,22 @@ import torch
 
 from mobile_export.errors import UserError
 
+_NATIVE_LOGS = {"shown": False}
+
+
+def show_native_logs(shown: bool = True) -> None:
+    """Let native runtime logs through (``--verbose``) instead of silencing them."""
+    _NATIVE_LOGS["shown"] = shown
+
 
 @contextlib.contextmanager
 def native_output_silenced(streams: tuple[int, ...] = (1, 2)) -> Iterator[None]:
     """Send what native code writes to stdout/stderr to /dev/null (ExecuTorch's C++ logs CPU
-    probing and runner statistics there); Python-level output is flushed first and unaffected after."""
+    probing, kernel notices and runner statistics there); Python-level output is flushed first
+    and unaffected after. A no-op after :func:`show_native_logs` (``--verbose``)."""
+    if _NATIVE_LOGS["shown"]:
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(fd) for fd in streams]
@@ -59,6 +70,7 @@ class ExecuTorchDecoder:
             raise UserError(f"ExecuTorch could not load {pte_path}: {exc}", hint="rebuild the bundle") from exc
         self.load_seconds = time.perf_counter() - start
         self.max_seq_len = self.metadata("get_max_seq_len")
+        self.vocab_size = self.metadata("get_vocab_size")
 
     def metadata(self, name: str):
         """Value of a constant metadata method (e.g. ``get_max_seq_len``), or None if absent."""
@@ -81,9 +93,16 @@ class ExecuTorchDecoder:
                 f"sequence of {start_pos + len(tokens)} tokens exceeds the model's context of {self.max_seq_len}",
                 hint="use a shorter prompt or fewer new tokens",
             )
+        bad = [t for t in tokens if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
+        if bad:  # an out-of-range id aborts the process inside ExecuTorch's embedding kernel
+            raise UserError(
+                f"token id {bad[0]} is outside the model's vocabulary of {self.vocab_size}",
+                hint="the bundle's tokenizer or reference does not belong to its model; rebuild the bundle",
+            )
         ids = torch.tensor([tokens], dtype=torch.long)
         pos = torch.tensor([start_pos], dtype=torch.long)
-        out = self._method.execute([ids, pos])[0]
+        with native_output_silenced():
+            out = self._method.execute([ids, pos])[0]
         return out.reshape(-1, out.shape[-1])[-1].float()
 
 
@@ -98,7 +117,8 @@ def runner_generate(
     import json
 
     load_runtime_ops()
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    with native_output_silenced():  # its tokenizer library logs a regex notice on import
+        from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     try:
         with native_output_silenced():

@@ -18,6 +18,32 @@ import torch
 from mobile_export.errors import UserError
 
 
+def check_external_data(model_path: Path) -> None:
+    """Refuse a graph whose external weights would be read from outside its folder (an
+    initializer's ``location`` that is absolute, has '..' parts or leads out through a link)."""
+    import onnx
+
+    from mobile_export.bundle_paths import plain_relative_path_problem
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for broken files
+        raise UserError(f"{model_path} is not a readable ONNX model: {exc}", hint="rebuild the bundle") from exc
+    folder = model_path.parent.resolve()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key != "location":
+                continue
+            problem = plain_relative_path_problem(entry.value)
+            if problem is None and not (folder / entry.value).resolve().is_relative_to(folder):
+                problem = f"{entry.value!r} leads outside the folder"
+            if problem:
+                raise UserError(
+                    f"{model_path}: external data of tensor {tensor.name}: {problem}",
+                    hint="a bundle may only name its own files; rebuild the bundle",
+                )
+
+
 class OnnxDecoder:
     """A loaded ``model.onnx``: ``step(tokens, start_pos)`` → last-token logits [vocab] (fp32)."""
 
@@ -28,14 +54,15 @@ class OnnxDecoder:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))["model"]
             decoder = config["decoder"]
-        except (OSError, ValueError, KeyError) as exc:
+            self.max_seq_len = int(config["context_length"])
+            self.n_layers = int(decoder["num_hidden_layers"])
+            self._kv_shape = (1, int(decoder["num_key_value_heads"]), 0, int(decoder["head_size"]))
+            self._past_names = []
+            for i in range(self.n_layers):
+                self._past_names += [decoder["inputs"]["past_key_names"] % i, decoder["inputs"]["past_value_names"] % i]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{config_path} is missing or invalid: {exc}", hint="rebuild the bundle") from exc
-        self.max_seq_len = int(config["context_length"])
-        self.n_layers = int(decoder["num_hidden_layers"])
-        self._kv_shape = (1, int(decoder["num_key_value_heads"]), 0, int(decoder["head_size"]))
-        self._past_names = []
-        for i in range(self.n_layers):
-            self._past_names += [decoder["inputs"]["past_key_names"] % i, decoder["inputs"]["past_value_names"] % i]
+        check_external_data(model_path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

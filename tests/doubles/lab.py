@@ -141,3 +141,32 @@ def scenario(name: str = "short", **fields) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a results file."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def bench_record(rep: int, decode: float, **fields) -> dict:
+    """One complete ``ok`` results record, as the runner writes them (fields replace top-level keys)."""
+    record = {
+        "schema": "mobile-export.bench",
+        "schema_version": 1,
+        "record_id": f"r{rep}",
+        "run_id": "run1",
+        "created_at": f"2026-01-01T00:00:0{rep}+00:00",
+        "plan": {"name": "p", "sha256": "0" * 64, "thresholds": {"decode_tokens_per_s": 10}},
+        "bundle": {"name": "demo-android", "path": "x", "manifest_sha256": "a" * 64, "bundle_bytes": 1000},
+        "device": {"name": "pixel", "kind": "android", "key": "android:X1", "model": "Pixel 8", "os": "Android"},
+        "scenario": {"fingerprint": "f", **scenario(warmup=0)},
+        "repetition": rep,
+        "versions": {"mobile_export": "0.1.0", "runtime": "executorch 1.5.1"},
+        "status": "ok",
+        "failure": None,
+        "metrics": {
+            "load_s": 0.05,
+            "ttft_s": 0.02,
+            "prefill_tokens_per_s": 400.0,
+            "decode_tokens_per_s": decode,
+            "peak_memory_bytes": 5_000_000,
+            "memory_source": "VmHWM",
+        },
+        "parity": None,
+    }
+    return record | fields
