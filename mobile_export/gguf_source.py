@@ -235,13 +235,20 @@ def load_gguf_model(path: Path, dtype: torch.dtype) -> nn.Module:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    # A fresh model (its non-persistent buffers such as rope frequencies computed as usual) that
-    # takes over the loaded tensors; peak memory is briefly two copies of the weights.
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # A plain model of the same config, built without memory (meta device), takes over the loaded
+    # tensors: its weights by state dict, then every buffer (rope frequencies are not in it).
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    for name, buffer in loaded.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
     model.tie_weights()
     model.generation_config = loaded.generation_config
     del loaded
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"{path}: the GGUF loader left {left[0]} unset", hint="convert the file to safetensors")
     return model.eval()
 
 

@@ -56,6 +56,32 @@ def test_end_of_turn_is_the_token_the_template_closes_replies_with():
     assert end_of_turn_ids(demo_tokenizer(None)) == []
 
 
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "token"), [(LLAMA3, "<|eot_id|>"), (GEMMA, "<end_of_turn>"), (MISTRAL, "<|eos|>")]
+)
+def test_end_of_turn_of_other_template_styles(template, token):
+    tokenizer = demo_tokenizer(template)
+    extra = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer)) == [token]
+
+
 def test_real_smollm2_template_ends_turns_with_im_end(smollm2_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir), trust_remote_code=False)
     (im_end,) = end_of_turn_ids(tokenizer)
@@ -206,6 +232,14 @@ def test_chat_loop_ends_on_exit_command(chat_bundle, monkeypatch):
     result = invoke("run", chat_bundle, "--chat", input="one\n/exit\ntwo\n")
     assert result.exit_code == 0, result.output
     assert len(runtime.prefills) == 1
+
+
+def test_chat_longer_than_the_context_is_one_error(chat_bundle, monkeypatch):
+    runtime = _script(monkeypatch, [])
+    result = invoke("run", chat_bundle, "--chat", "--prompt", "word " * 300)
+    assert result.exit_code == 2 and runtime.prefills == []
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: conversation has ") and "the bundle's context is 256 (start a new chat)" in line
 
 
 def test_chat_on_a_bundle_without_a_template_is_one_error(tmp_path, monkeypatch):
