@@ -12,6 +12,7 @@ import datetime as dt
 import platform
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -30,6 +31,7 @@ from mobile_export.bundle import (
     write_manifest,
     write_zip,
 )
+from mobile_export.chat import chat_template, end_of_turn_ids, stop_ids, write_template_to_tokenizer_config
 from mobile_export.console import StepUI
 from mobile_export.errors import UserError, VerificationError
 from mobile_export.fidelity import artifact_fidelity, build_eval_reference, fidelity_summary, read_text
@@ -120,15 +122,24 @@ def resolve_recipe(request: BuildRequest) -> Recipe:
         return load_recipe(request.recipe)
     if request.model_path is None:
         raise UserError("nothing to build", hint="name a recipe, or pass --model-path DIR")
-    if not request.model_path.is_dir():
+    if not request.model_path.exists():
+        what = "GGUF file" if request.model_path.suffix == ".gguf" else "model folder"
+        raise UserError(f"{what} {request.model_path} does not exist")
+    from mobile_export.gguf_source import find_gguf, gguf_config
+
+    gguf = find_gguf(request.model_path)
+    if gguf is not None:
+        config = gguf_config(gguf).to_dict()
+        stem = gguf.stem
+    elif not request.model_path.is_dir():
         raise UserError(
-            f"model folder {request.model_path} does not exist"
-            if not request.model_path.exists()
-            else f"model path {request.model_path} is not a folder",
-            hint="pass a Hugging Face model folder",
+            f"model path {request.model_path} is not a folder",
+            hint="pass a Hugging Face model folder or a .gguf file",
         )
-    config = read_config_json(request.model_path)
-    name = re.sub(r"[^a-z0-9._-]+", "-", request.model_path.resolve().name.lower()).strip("-._") or "model"
+    else:
+        config = read_config_json(request.model_path)
+        stem = request.model_path.resolve().name
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") or "model"
     return recipe_from_model_config(config, name)
 
 
@@ -191,16 +202,18 @@ def convert(
     return decoder, report
 
 
-def special_ids(tokenizer, recipe: Recipe, own_tokenizer: bool) -> tuple[int | None, list[int], int | None]:
-    """BOS, every EOS and PAD id for the runner metadata and manifest.
+def special_ids(
+    tokenizer, recipe: Recipe, own_tokenizer: bool, generation_eos: Sequence[int] = ()
+) -> tuple[int | None, list[int], int | None]:
+    """BOS, every stop id and PAD id for the runner metadata and manifest.
 
-    With the model's own tokenizer the recipe's stop tokens (config + generation config) are
-    used as well; with the demo tokenizer substituted for a random-weight build only its own.
+    With the model's own tokenizer the stop ids are the recipe's (config + generation config),
+    the model's generation_config, the tokenizer's EOS and the chat template's end-of-turn
+    token; with the demo tokenizer substituted for a random-weight build only its own EOS.
     """
-    eos = list(recipe.eos_ids()) if own_tokenizer else []
+    known = [*recipe.eos_ids(), *generation_eos] if own_tokenizer else []
     tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None and tok_eos not in eos:
-        eos.append(tok_eos)
+    eos = stop_ids(tokenizer, known, [tok_eos] if tok_eos is not None else [])
     return getattr(tokenizer, "bos_token_id", None), eos, getattr(tokenizer, "pad_token_id", None)
 
 
@@ -325,7 +338,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     del source.model
     release_memory()
 
-    bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer)
+    bos, eos, pad = special_ids(tokenizer, recipe, source.own_tokenizer, source.generation_eos_ids)
     hf_id = source.hf_id or recipe.hf_id
     info = ExportInfo(
         model_name=recipe.name,
@@ -353,6 +366,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         release_memory()
 
         tokenizer.save_pretrained(str(stage))
+        write_template_to_tokenizer_config(stage, tokenizer)
         with ui.step("Verify artifact against the original model"):
             ctx = VerifyContext(
                 sequences=sequences,
@@ -429,6 +443,8 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     parameters=parameters,
                     weights=source.weights,
                     path=str(request.model_path.resolve()) if source.weights == "local" else None,
+                    source_format=source.source_format,
+                    gguf=source.gguf.manifest_entry() if source.gguf is not None else None,
                 ),
                 recipe={"name": recipe.name, "sha256": recipe_hash(recipe)},
                 target=request.target,
@@ -446,8 +462,9 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                     bos_id=bos,
                     eos_ids=eos,
                     pad_id=pad,
-                    add_bos=bos is not None,
-                    chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                    add_bos=bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos],  # as encoding does
+                    chat_template=chat_template(tokenizer),
+                    end_of_turn_ids=end_of_turn_ids(tokenizer) if source.own_tokenizer else [],
                 ),
                 verification={
                     "protocol": "fixed prompts: one prefill call, then teacher-forced single-token decode steps",

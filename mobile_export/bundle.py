@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mobile_export.bundle_paths import MANIFEST_NAME, covers, inside, manifest_path_problem
 from mobile_export.errors import UserError, describe_validation_error
@@ -56,7 +56,14 @@ class TokenizerInfo(BaseModel):
     eos_ids: list[int] = Field(default_factory=list)
     pad_id: int | None = None
     add_bos: bool = True
-    chat_template: bool = False
+    chat_template: str | None = None  # the template's text (also chat_template.jinja); None: the tokenizer has none
+    end_of_turn_ids: list[int] = Field(default_factory=list)  # the template's end-of-turn token (also in eos_ids)
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _flag_of_older_builds(cls, value):
+        """Earlier builds recorded only whether a template existed (true/false)."""
+        return None if isinstance(value, bool) else value
 
 
 class ModelInfo(BaseModel):
@@ -69,7 +76,9 @@ class ModelInfo(BaseModel):
     license: str = "unknown"
     parameters: int
     weights: str  # "hub", "local", "builtin" or "random"
-    path: str | None = None  # the local folder the weights were loaded from (local builds)
+    path: str | None = None  # the local folder or GGUF file the weights were loaded from (local builds)
+    source_format: str | None = None  # "safetensors", "pickle" or "gguf" (None: random or built-in weights)
+    gguf: dict | None = None  # GGUF sources: file, sha256, file_type (e.g. Q4_1), tensor types, the reference
 
 
 class Manifest(BaseModel):

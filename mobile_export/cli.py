@@ -154,15 +154,41 @@ def inspect(bundle: Path) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--prompt", "-p", help="Text to continue; with --chat, the one user message (else read from stdin).")
+@click.option(
+    "--chat", is_flag=True, help="Chat through the bundle's chat template (a turn per line; empty line or /exit ends)."
+)
 @click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
-def run(bundle: Path, prompt: str, max_new_tokens: int) -> None:
-    """Generate text from PROMPT with BUNDLE's artifact on this machine, streaming it."""
-    from mobile_export.run import run_bundle
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Sample from the smallest set reaching P.")
+@click.option("--seed", type=int, help="Seed for sampling (the same seed gives the same text).")
+def run(
+    bundle: Path,
+    prompt: str | None,
+    chat: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> None:
+    """Generate text with BUNDLE's artifact on this machine, streaming it: continue --prompt, or
+    --chat (one turn with --prompt, else a conversation read line by line from stdin)."""
+    from mobile_export.generate import Sampling
+    from mobile_export.run import run_bundle, run_chat
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    run_bundle(bundle, prompt, max_new_tokens, out=sys.stdout)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    if chat:
+        from mobile_export.chat import read_turns
+
+        interactive = prompt is None and sys.stdin.isatty()
+        turns = [prompt] if prompt is not None else read_turns(sys.stdin, sys.stdout, interactive)
+        run_chat(bundle, turns, max_new_tokens, out=sys.stdout, sampling=sampling)
+        return
+    if prompt is None:
+        raise UserError("nothing to continue", hint="pass --prompt TEXT, or --chat")
+    run_bundle(bundle, prompt, max_new_tokens, out=sys.stdout, sampling=sampling)
 
 
 # --- device lab: bench and report -------------------------------------------------------------

@@ -78,7 +78,7 @@ def reference_source(bundle: Path, manifest: Manifest, model_path: Path | None, 
     seed = int(manifest.build.get("seed") or 0)
     if model_path is None and recipe is None:
         local = Path(manifest.model.path) if manifest.model.path else None
-        if local is not None and local.is_dir():
+        if local is not None and local.exists():  # a model folder or a GGUF file
             model_path = local
         elif random or manifest.model.weights == "builtin":
             recipe = manifest.recipe.get("name")

@@ -57,13 +57,16 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
     )
     if model.hf_id:
         _out.print(f"  source      {model.hf_id}@{model.revision}")
+    elif model.gguf:
+        _out.print(f"  source      {escape(model.gguf['file'])} (GGUF, {model.gguf.get('file_type')}; dequantized)")
     _out.print(f"  target      {manifest.target} / {manifest.backend} ({manifest.artifact.get('format')})")
     _out.print(
         f"  quant       {quant.get('scheme')} (group {quant.get('group_size')}), embedding {quant.get('embedding')}, {quant.get('bits_per_weight')} bits/weight"
     )
     _out.print(f"  context     {manifest.context_length} tokens")
     tok = manifest.tokenizer
-    _out.print(f"  tokenizer   {', '.join(tok.files)} (bos {tok.bos_id}, eos {tok.eos_ids})")
+    chat = ", chat template" if tok.chat_template else ""
+    _out.print(f"  tokenizer   {', '.join(tok.files)} (bos {tok.bos_id}, eos {tok.eos_ids}{chat})")
     for comparison in manifest.verification.get("comparisons", []):
         state = "ok" if comparison["passed"] else ("FAILED" if comparison["enforced"] else "not enforced")
         _out.print(

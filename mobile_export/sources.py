@@ -1,5 +1,5 @@
-"""Where weights come from: a local Hugging Face folder, the recipe's hub id, weights shipped with
-the package (built-in recipes), or random weights.
+"""Where weights come from: a local Hugging Face folder, a GGUF file, the recipe's hub id, weights
+shipped with the package (built-in recipes), or random weights.
 
 Safety defaults: safetensors only (pickle checkpoints need ``--allow-pickle``), and
 ``trust_remote_code`` off unless ``--trust-remote-code`` is given.
@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from mobile_export.errors import UserError
+from mobile_export.gguf_source import (
+    GGUFHeader,
+    find_gguf,
+    gguf_config,
+    load_gguf_model,
+    load_gguf_tokenizer,
+    read_header,
+)
 from mobile_export.preflight import read_config_json, weight_shape_mismatch
 from mobile_export.recipes import Recipe
 
@@ -51,18 +59,23 @@ class Source:
     revision: str | None = None
     own_tokenizer: bool = True
     notes: list[str] = field(default_factory=list)
+    source_format: str | None = None  # "safetensors", "pickle" or "gguf" (None: random weights)
+    gguf: GGUFHeader | None = None  # the GGUF file's header, for GGUF sources
+    generation_eos_ids: list[int] = field(default_factory=list)  # the model's generation_config stop ids
 
 
-def _transformers():
+def quiet_transformers():
+    """transformers, with its warnings and progress bars off (quiet output)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # quiet output: no per-tensor loading bars
     return transformers
 
 
 def count_parameters(config) -> int:
     """Parameter count of the architecture, from a meta-device build (no memory used)."""
-    transformers = _transformers()
+    transformers = quiet_transformers()
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
@@ -75,7 +88,7 @@ def load_dtype(parameters: int) -> torch.dtype:
 
 def config_from_recipe(recipe: Recipe):
     """A transformers config built offline from the recipe's config block."""
-    transformers = _transformers()
+    transformers = quiet_transformers()
     fields = dict(recipe.config)
     model_type = fields.pop("model_type")
     try:
@@ -120,7 +133,7 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool):
-    transformers = _transformers()
+    transformers = quiet_transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError for missing or broken files
@@ -139,7 +152,7 @@ def demo_tokenizer():
 
 
 def _load_config(folder: Path, trust_remote_code: bool):
-    transformers = _transformers()
+    transformers = quiet_transformers()
     read_config_json(folder)  # a JSON object with usable sizes, or one error line
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -154,7 +167,7 @@ def _load_config(folder: Path, trust_remote_code: bool):
 
 
 def _random_model(config, dtype: torch.dtype, seed: int) -> nn.Module:
-    transformers = _transformers()
+    transformers = quiet_transformers()
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
@@ -170,7 +183,7 @@ def _builtin_model(config, weights: Path, dtype: torch.dtype) -> nn.Module:
     """The recipe's architecture with its shipped weights (stored fp16, loaded at ``dtype``)."""
     from safetensors.torch import load_file
 
-    model = _transformers().AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = quiet_transformers().AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {name: tensor.to(dtype) for name, tensor in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -184,7 +197,7 @@ def _builtin_model(config, weights: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _pretrained_model(folder: Path, dtype: torch.dtype, options: SourceOptions) -> nn.Module:
-    transformers = _transformers()
+    transformers = quiet_transformers()
     weights = check_weight_files(folder, options.allow_pickle)
     use_safetensors = weights[0].suffix == ".safetensors"
     try:
@@ -220,21 +233,32 @@ def download(recipe: Recipe, options: SourceOptions) -> Path:
         ) from exc
 
 
+def _generation_eos_ids(model: nn.Module) -> list[int]:
+    """Stop ids of the model's generation_config (generation_config.json, else its config)."""
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    values = value if isinstance(value, list | tuple) else [value]
+    return [int(v) for v in values if isinstance(v, int)]
+
+
 def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     """Load the original model and tokenizer the way the user asked."""
     folder = options.model_path
+    gguf = None
     if folder is not None:
-        if not folder.is_dir():
-            raise UserError(
-                f"model folder {folder} does not exist"
-                if not folder.exists()
-                else f"model path {folder} is not a folder",
-                hint="pass a Hugging Face model folder",
-            )
-        config = _load_config(folder, options.trust_remote_code)
+        gguf = find_gguf(folder) if folder.exists() else None
+        if gguf is not None:
+            config = gguf_config(gguf)  # the header is checked first: bad files fail in seconds
+        elif not folder.exists():
+            what = "GGUF file" if folder.suffix == ".gguf" else "model folder"
+            raise UserError(f"{what} {folder} does not exist")
+        elif not folder.is_dir():
+            raise UserError(f"model path {folder} is not a folder", hint="pass a Hugging Face model folder or a .gguf file")
+        else:
+            config = _load_config(folder, options.trust_remote_code)
         if recipe.source == "hub" and config.model_type != recipe.architecture:
             raise UserError(
-                f"{folder} holds a '{config.model_type}' model but recipe '{recipe.name}' is '{recipe.architecture}'",
+                f"{gguf or folder} holds a '{config.model_type}' model but recipe '{recipe.name}' is "
+                f"'{recipe.architecture}'",
                 hint="pick the matching recipe or leave the recipe out",
             )
     elif recipe.source == "hub" and not options.random_weights:
@@ -251,6 +275,7 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     notes = []
     if dtype != torch.float32:
         notes.append("original model loaded in bf16 (an fp32 copy would exceed the memory budget)")
+    source_format = None
     shipped = builtin_weights(recipe) if folder is None and not options.random_weights else None
     if shipped is not None:
         model = _builtin_model(config, shipped, dtype)
@@ -260,16 +285,30 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     elif options.random_weights or folder is None:
         model = _random_model(config, dtype, options.seed)
         weights = "random"
-        has_tokenizer = folder is not None and any(
-            (folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")
-        )
-        tokenizer = _load_tokenizer(folder, options.trust_remote_code) if has_tokenizer else demo_tokenizer()
+        if gguf is not None:
+            tokenizer, has_tokenizer = load_gguf_tokenizer(gguf), True
+        else:
+            has_tokenizer = folder is not None and any(
+                (folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")
+            )
+            tokenizer = _load_tokenizer(folder, options.trust_remote_code) if has_tokenizer else demo_tokenizer()
         own_tokenizer = has_tokenizer or recipe.source == "builtin"
         if not own_tokenizer:
             notes.append("random weights: bundled with the project's demo tokenizer")
+    elif gguf is not None:
+        model = load_gguf_model(gguf, dtype)
+        weights, source_format = "local", "gguf"
+        tokenizer = load_gguf_tokenizer(gguf)
+        own_tokenizer = True
+        header = read_header(gguf)
+        notes.append(
+            f"GGUF source {gguf.name} ({header.file_type or 'unknown'} quantization): "
+            "the reference is its dequantized weights"
+        )
     else:
         model = _pretrained_model(folder, dtype, options)
         weights = "local" if options.model_path is not None else "hub"
+        source_format = "safetensors" if any(folder.glob("*.safetensors")) else "pickle"
         tokenizer = _load_tokenizer(folder, options.trust_remote_code)
         own_tokenizer = True
     return Source(
@@ -282,4 +321,7 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
         revision=(options.revision or recipe.revision) if weights == "hub" else None,
         own_tokenizer=own_tokenizer,
         notes=notes,
+        source_format=source_format,
+        gguf=read_header(gguf) if gguf is not None and weights != "random" else None,
+        generation_eos_ids=_generation_eos_ids(model) if own_tokenizer else [],
     )

