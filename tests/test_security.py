@@ -512,3 +512,17 @@ def test_plain_build_prints_progress_only(real_build):
     for noise in ("No temp allocator", "cpuinfo", "regex.cpp", "UserWarning", "Mutation on a buffer"):
         assert noise not in stderr, noise
     assert all(line[:1] in ("…", "✓", " ", "") for line in stderr.splitlines()), stderr
+
+
+@pytest.mark.slow
+def test_executorch_step_refuses_ids_outside_the_programs_vocabulary(real_bundle):
+    """The last guard before native code: ids are checked against the .pte's own get_vocab_size
+    (a tokenizer that does not belong to the model would otherwise abort the process)."""
+    from mobile_export.runtimes.executorch import ExecuTorchDecoder
+
+    runtime = ExecuTorchDecoder(real_bundle / "model.pte")
+    assert runtime.vocab_size == 1024
+    assert runtime.step([5, 6], 0).shape == (1024,)
+    for bad in (1024, 10**9, -1):
+        with pytest.raises(UserError, match=f"token id {bad} is outside the model's vocabulary of 1024"):
+            runtime.step([5, bad], 2)
