@@ -54,7 +54,9 @@ EAGER_ROWS: dict[str, dict] = {
     "gptq-g32+8bit-head+emb4": {"algo": "gptq", "keep_8bit": ("lm_head",), "embedding": "int4"},
     "gptq-g64+8bit-head+emb4": {"algo": "gptq", "group_size": 64, "keep_8bit": ("lm_head",), "embedding": "int4"},
     "rtn-g32+emb4": {"algo": "rtn", "embedding": "int4"},
+    "rtn-g32+8bit-head+emb4": {"algo": "rtn", "keep_8bit": ("lm_head",), "embedding": "int4"},
 }
+PARIS = "The capital of France is"
 
 
 def load_model(model_path: Path):
@@ -135,6 +137,9 @@ def eager_row(name: str, fields: dict, model_path: Path, refs: dict, calib: Path
     for text, ref in refs.items():
         result = accumulate_windows(decoder_window_logits(decoder, ref.token_ids), ref).result()
         row[text] = _figures(result)
+    decoder.reset_cache()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    row["paris"] = tokenizer.decode([int(decoder.step(tokenizer(PARIS)["input_ids"], 0).argmax())])
     del decoder, model
     release_memory()
     return row
@@ -149,12 +154,13 @@ def _figures(result) -> dict:
     }
 
 
-def artifact_row(name: str, kind: str, runtime, nbytes: int, refs: dict) -> dict:
+def artifact_row(name: str, kind: str, runtime, nbytes: int, refs: dict, tokenizer) -> dict:
     from mobile_export.fidelity import evaluate_runtime
 
     row = {"row": name, "kind": kind, "bytes": nbytes}
     for text, ref in refs.items():
         row[text] = _figures(evaluate_runtime(runtime, ref))
+    row["paris"] = tokenizer.decode([int(runtime.step(tokenizer(PARIS)["input_ids"], 0).argmax())])
     return row
 
 
@@ -175,7 +181,8 @@ def print_table(rows: list[dict]) -> None:
         for t in texts:
             f = row.get(t)
             cells.append(f"{f['kl']:9.4f} {f['ppl_ratio']:7.3f} {f['top1']:6.1%}" if f else " " * 24)
-        print(f"{row['row'][:34]:34} {row['kind'][:16]:16} {row['bytes'] / 1e6:7.2f} " + " ".join(cells))
+        paris = f" {row['paris']!r}" if "paris" in row else ""
+        print(f"{row['row'][:34]:34} {row['kind'][:16]:16} {row['bytes'] / 1e6:7.2f} " + " ".join(cells) + paris)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
         for item in args.pte:
             name, _, path = item.partition("=")
-            row = artifact_row(name, "pte", ExecuTorchDecoder(Path(path)), folder_bytes(Path(path)), refs)
+            row = artifact_row(name, "pte", ExecuTorchDecoder(Path(path)), folder_bytes(Path(path)), refs, tokenizer)
             rows.append(row)
             _append(args.out, row)
         for item in args.onnx:
             name, _, path = item.partition("=")
             folder = Path(path)
-            row = artifact_row(name, "onnx", OnnxDecoder(folder / "model.onnx"), folder_bytes(folder), refs)
+            row = artifact_row(name, "onnx", OnnxDecoder(folder / "model.onnx"), folder_bytes(folder), refs, tokenizer)
             rows.append(row)
             _append(args.out, row)
         for bundle in args.bundle:
@@ -243,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             backend = get_backend(manifest.backend)
             files = manifest.artifact.get("files") or [manifest.artifact["file"]]
             nbytes = sum(folder_bytes(bundle / f) for f in files)
-            row = artifact_row(bundle.name, manifest.backend, backend.open(bundle / manifest.artifact["file"]), nbytes,
-                               refs)  # fmt: skip
+            runtime = backend.open(bundle / manifest.artifact["file"])
+            row = artifact_row(bundle.name, manifest.backend, runtime, nbytes, refs, tokenizer)
             rows.append(row)
             _append(args.out, row)
     print_table(rows)

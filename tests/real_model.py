@@ -58,7 +58,16 @@ def smollm2_folder() -> Path | None:
         shutil.rmtree(staging, ignore_errors=True)
         kwargs = {"gguf_file": gguf.name, "trust_remote_code": False}
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
-        model.save_pretrained(str(staging), safe_serialization=True)
+        # the weights are dequantized fp32 now; transformers still marks the model as GGUF-quantized
+        # and refuses save_pretrained, so the folder is written piece by piece
+        from safetensors.torch import save_model
+
+        staging.mkdir(parents=True)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(str(staging))
+        model.generation_config.save_pretrained(str(staging))
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs).save_pretrained(str(staging))
         staging.rename(folder)
     return folder
