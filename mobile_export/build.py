@@ -34,7 +34,7 @@ from mobile_export.bundle import (
 from mobile_export.chat import chat_template, end_of_turn_ids, stop_ids, write_template_to_tokenizer_config
 from mobile_export.console import StepUI
 from mobile_export.errors import UserError, VerificationError
-from mobile_export.fidelity import artifact_fidelity, build_eval_reference, fidelity_summary, read_text
+from mobile_export.fidelity import build_eval_reference, read_text
 from mobile_export.memory import release_memory
 from mobile_export.preflight import check_memory, read_config_json
 from mobile_export.quant_algos.calibration import Calibration, load_calibration
@@ -44,7 +44,7 @@ from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config,
 from mobile_export.reference import REFERENCE_NAME, build_reference, write_reference
 from mobile_export.sources import SourceOptions, load_source
 from mobile_export.targets import BackendOptions, ExportInfo, VerifyContext, get_backend
-from mobile_export.verify import Comparison, enforce, reference_logits, stepped_logits, token_sequences
+from mobile_export.verify import Comparison, enforce, judge_fidelity, reference_logits, stepped_logits, token_sequences
 
 VERSIONED_PACKAGES = (
     "torch",
@@ -318,7 +318,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
             request.calib_text, lambda text: tokenizer(text)["input_ids"], spec.algo, max_seq_len, vocab_size
         )
         ui.note(
-            f"calibration: {calibration.tokens} tokens of {request.calib_text} in {len(calibration.windows)} windows"
+            f"calibration: {calibration.tokens} tokens of {calibration.path.name} in {len(calibration.windows)} windows"
         )
 
     with ui.step(f"Prepare and quantize ({spec.label})"):
@@ -398,9 +398,16 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
         fidelity = {"status": "skipped", "reason": "not evaluated (--no-eval)"}
         if eval_text is not None:
             with ui.step(f"Fidelity on {eval_text.name}"):
-                fidelity = artifact_fidelity(backend, stage / artifact["file"], eval_text, meaningful=not random)
-            ui.note(f"fidelity {fidelity_summary(fidelity)}")
+                fidelity, quality = judge_fidelity(
+                    backend, stage / artifact["file"], eval_text, outcome, spec, not random
+                )
+            for line in fidelity.pop("notes"):
+                ui.note(line)
+            if quality is not None:
+                comparisons.append(quality)
+                enforce([quality], request.keep_unverified)
         del eval_text
+        outcome.stand_in = None
         release_memory()
         write_reference(stage, device_reference)
 

@@ -68,12 +68,13 @@ def main() -> None:
 @click.option(
     "--quant-algo",
     help="How integer weights are chosen (default from the recipe, else rtn): rtn, hqq, gptq or awq "
-    "(gptq/awq need --calib-text).",
+    "(gptq/awq calibrate on --calib-text, else the package's own broad text).",
 )
 @click.option(
     "--calib-text",
     type=click.Path(path_type=Path),
-    help="Plain-text file to calibrate gptq/awq on (at least 1024 tokens; up to 8192 are used).",
+    help="Plain-text file to calibrate gptq/awq on (at least 1024 tokens; up to 8192 are used); "
+    "default: the package's calibration.txt (prose, dialogue and code).",
 )
 @click.option(
     "--rotate/--no-rotate",

@@ -325,9 +325,14 @@ def build_eval_reference(
     )
 
 
-def artifact_fidelity(backend, artifact: Path, eval_text: EvalText, meaningful: bool) -> dict:
-    """Run the written artifact in its runtime over the eval text: the manifest's ``fidelity``
-    (``status`` ``skipped`` with the reason when the artifact cannot run on this machine)."""
+def artifact_fidelity(
+    backend, artifact: Path, eval_text: EvalText, meaningful: bool, stand_in=None, stand_in_label: str = ""
+) -> dict:
+    """Run the written artifact in its runtime over the eval text: the manifest's ``fidelity``.
+
+    When the artifact cannot run on this machine, ``stand_in`` (a stepping object the backend's
+    verification vouched for, e.g. a Core ML package's weights in PyTorch) runs instead and
+    ``runtime`` says so; without one, ``status`` is ``skipped`` with the reason."""
     from mobile_export.memory import release_memory
 
     facts = {
@@ -339,7 +344,9 @@ def artifact_fidelity(backend, artifact: Path, eval_text: EvalText, meaningful: 
     try:
         runtime = backend.open(artifact)
     except UserError as exc:
-        return {"status": "skipped", "reason": exc.message, **facts}
+        if stand_in is None:
+            return {"status": "skipped", "reason": exc.message, **facts}
+        runtime, facts["runtime"] = stand_in, f"{stand_in_label} ({exc.message})"
     result = evaluate_runtime(runtime, eval_text.reference)
     del runtime
     release_memory()
@@ -351,9 +358,23 @@ def fidelity_summary(fidelity: dict) -> str:
     if fidelity.get("status") != "ok":
         return f"skipped ({fidelity.get('reason')})"
     note = "" if fidelity["meaningful"] else " [random weights: not meaningful]"
+    if fidelity.get("runtime"):
+        note += f" [ran on {fidelity['runtime'].split(' (')[0]}]"
     return (
         f"on {fidelity['text']['name']} ({fidelity['tokens']} tokens): perplexity "
         f"{fidelity['perplexity']:.4g} vs {fidelity['reference_perplexity']:.4g} eager "
         f"(x{fidelity['perplexity_ratio']:.4f}), KL mean {fidelity['kl_mean']:.3g} p99 {fidelity['kl_p99']:.3g}, "
         f"top-1 {fidelity['top1_agreement']:.1%}{note}"
+    )
+
+
+def fidelity_in_words(fidelity: dict) -> str | None:
+    """What the user gets, in words: "perplexity +12% vs the original, top-1 agreement 81%, ..."."""
+    if fidelity.get("status") != "ok":
+        return None
+    change = (fidelity["perplexity_ratio"] - 1) * 100
+    return (
+        f"perplexity {change:+.0f}% vs the original; the same next token as the original "
+        f"{fidelity['top1_agreement']:.0%} of the time; KL {fidelity['kl_mean']:.2f} nats per token "
+        f"(on {fidelity['tokens']} tokens of {fidelity['text']['name']})"
     )

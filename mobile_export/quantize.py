@@ -262,7 +262,18 @@ def quantize_module(
         for bits in sorted(set(chosen.values())):
             selected = {name for name, b in chosen.items() if b == bits}
             quantize_(module, _linear_config(spec, bits), filter_fn=lambda m, fqn, sel=selected: fqn in sel)
+        if spec.dynamic_activation and spec.uses_groups:
+            for name, bits in chosen.items():
+                if bits == 4:
+                    round_group_scales_bf16(module.get_submodule(name).weight)
     report.quantized_linears += len(chosen)
+
+
+def round_group_scales_bf16(weight) -> None:
+    """Round a torchao 4-bit grouped weight's scales to bf16 in place: XNNPACK's qd8-qb4w kernels
+    store group scales in bf16, so the eager model (the lowering-parity reference) must compute
+    with those same values, or the two drift apart layer by layer (measured on SmolLM2-135M)."""
+    weight.scale.copy_(weight.scale.to(torch.bfloat16).float())
 
 
 def untie_lm_head(lm_head: nn.Linear, embedding: nn.Embedding) -> None:

@@ -16,7 +16,7 @@ from mobile_export.cli import main
 from mobile_export.console import StepUI
 from mobile_export.errors import UserError
 from mobile_export.modeling import ExportableDecoder
-from mobile_export.quant_algos.calibration import load_calibration
+from mobile_export.quant_algos.calibration import DEFAULT_CALIBRATION_TEXT, load_calibration
 from mobile_export.quant_algos.gptq import Hessian, gptq_quantize
 from mobile_export.quant_algos.grid import dequantize_grouped, group_scales, install_weight, quantize_grouped
 from mobile_export.quant_algos.pipeline import Stage, _fold
@@ -55,6 +55,27 @@ def test_grid_is_torchaos_8da4w_grid():
     assert int(a.qdata.min()) >= -8 and int(a.qdata.max()) <= 7
     x = torch.randn(5, 128)
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_round_to_nearest_computes_with_xnnpacks_bf16_group_scales():
+    """XNNPACK stores qb4w group scales in bf16: the eager model (lowering parity's reference) must
+    compute with those, the integers staying torchao's; 8-bit per-channel scales stay fp32."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    ours = nn.ModuleDict({"a": nn.Linear(128, 48, bias=False), "b": nn.Linear(128, 48, bias=False)})
+    theirs = nn.Linear(128, 48, bias=False)
+    theirs.weight.data = ours["a"].weight.data.clone()
+    quantize_(theirs, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    spec = QuantSpec(scheme="8da4w", group_size=32, keep_8bit=("b",))
+    quantize_module(ours, spec, QuantReport(), keep=keep_8bit_matcher(spec.keep_8bit, 1))
+    a = ours["a"].weight
+    assert torch.equal(a.qdata, theirs.weight.qdata)
+    assert torch.equal(a.scale, theirs.weight.scale.to(torch.bfloat16).float())
+    assert not torch.equal(a.scale, theirs.weight.scale)  # the rounding did something
+    b = ours["b"].weight
+    assert b.scale.shape == (48, 1) and not torch.equal(b.scale, b.scale.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -186,8 +207,8 @@ def test_calibration_text_errors(tmp_path):
     def encode(text):
         return list(range(len(text.split())))
 
-    with pytest.raises(UserError, match="--quant-algo gptq needs calibration text"):
-        load_calibration(None, encode, "gptq", 256, 1024)
+    shipped = load_calibration(None, encode, "gptq", 256, 1024)  # the package's broad calibration text
+    assert shipped.path == DEFAULT_CALIBRATION_TEXT and shipped.tokens >= 1024
     with pytest.raises(UserError, match="does not exist"):
         load_calibration(tmp_path / "missing.txt", encode, "gptq", 256, 1024)
     short = tmp_path / "short.txt"
@@ -208,7 +229,6 @@ def _cli(args: list[str]) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--quant-algo", "gptq"], "--quant-algo gptq needs calibration text (pass --calib-text FILE"),
         (["--quant-algo", "awq", "--calib-text", "/no/such.txt"], "calibration text /no/such.txt does not exist"),
         (["--quant-algo", "sparsegpt"], "unknown quantization algorithm 'sparsegpt'"),
         (["--quant", "fp32", "--quant-algo", "awq"], "--quant-algo awq needs a quantized scheme, not fp32"),

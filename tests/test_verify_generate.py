@@ -12,10 +12,12 @@ from mobile_export.verify import (
     DECODE_STEPS,
     FP32_THRESHOLDS,
     LOWERING_THRESHOLDS,
+    QUALITY_LIMITS,
     Thresholds,
     compare,
     enforce,
     prefill_length,
+    quality_check,
     stepped_logits,
     token_sequences,
 )
@@ -47,6 +49,44 @@ def test_unrelated_logits_fail_cosine_and_top1():
     assert not result.passed
     assert len(result.failures) == 2
     assert result.min_cosine < 0.9 and result.top1_agreement < 0.5
+
+
+def test_kl_is_measured_per_position_and_bounds_lowering():
+    ref = _logits(0)
+    got = ref[0] + 0.6 * torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(2))
+    result = compare("kl", [got], ref, LOWERING_THRESHOLDS)
+    lp, lq = torch.log_softmax(ref[0].double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    assert result.kl_mean == pytest.approx(kl.mean().item(), rel=1e-9)
+    assert result.kl_max == pytest.approx(kl.max().item(), rel=1e-9)
+    assert compare("same", [ref[0]], ref, LOWERING_THRESHOLDS).kl_mean == pytest.approx(0.0, abs=1e-12)
+    # the noise passes the cosine bound, but its KL is over the lowering bound
+    assert result.mean_cosine > LOWERING_THRESHOLDS.min_mean_cosine and not result.passed
+    assert [f for f in result.failures if "KL mean" in f] == result.failures
+
+
+def _fidelity(ppl: float, kl: float, top1: float) -> dict:
+    return {"status": "ok", "text": {"name": "t.txt"}, "tokens": 510, "perplexity_ratio": ppl, "kl_mean": kl,
+            "top1_agreement": top1}  # fmt: skip
+
+
+def test_quality_check_judges_the_fidelity_text():
+    good = quality_check(_fidelity(1.2, 0.3, 0.8), quantized=True, meaningful=True)
+    assert good.passed and good.enforced and good.failures == []
+    limits = QUALITY_LIMITS
+    bad = quality_check(
+        _fidelity(limits.max_perplexity_ratio + 0.5, limits.max_kl_mean * 3, limits.min_top1 - 0.3),
+        quantized=True,
+        meaningful=True,
+    )
+    assert not bad.passed and len(bad.failures) == 3
+    with pytest.raises(VerificationError, match="quantization cost"):
+        enforce([bad], keep_anyway=False)
+    random = quality_check(_fidelity(9.0, 5.0, 0.1), quantized=True, meaningful=False)
+    assert not random.passed and not random.enforced
+    enforce([random], keep_anyway=False)  # recorded, not enforced: random weights
+    assert quality_check(_fidelity(1.0, 0.0, 1.0), quantized=False, meaningful=True) is None
+    assert quality_check({"status": "skipped", "reason": "--no-eval"}, quantized=True, meaningful=True) is None
 
 
 def test_enforce_raises_with_the_numbers_unless_kept():

@@ -22,6 +22,9 @@ from mobile_export.errors import UserError
 MIN_TOKENS = 1024  # fewer and the Hessian of a 1-2k wide layer is mostly dampening
 MAX_TOKENS = 8192  # more costs time for little gain (measured on the trained test model)
 WINDOW = 512  # tokens per calibration window (at most the context length)
+# Shipped broad calibration text (prose, dialogue, code; see assets/text/README.md), used
+# when --calib-text is not given.
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "assets" / "text" / "calibration.txt"
 
 
 @dataclass
@@ -50,12 +53,12 @@ def load_calibration(
     min_tokens: int = MIN_TOKENS,
     max_tokens: int = MAX_TOKENS,
 ) -> Calibration:
-    """Read ``path`` and cut its tokens into windows of up to :data:`WINDOW` tokens.
+    """Read ``path`` (None: :data:`DEFAULT_CALIBRATION_TEXT`) and cut its tokens into windows of
+    up to :data:`WINDOW` tokens.
 
     Refuses a missing, unreadable or too short file, naming how many tokens it has and needs.
     """
-    if path is None:
-        raise UserError(f"--quant-algo {algo} needs calibration text", hint="pass --calib-text FILE (plain text)")
+    path = path if path is not None else DEFAULT_CALIBRATION_TEXT
     if not path.is_file():
         raise UserError(f"calibration text {path} does not exist", hint="pass --calib-text FILE (plain text)")
     try:

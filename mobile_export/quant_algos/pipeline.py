@@ -143,9 +143,7 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
             f"--quant-algo {spec.algo} is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 or int8 with it, or --quant-algo rtn",
         )
-    if spec.algo in CALIBRATED and calib_text is None:
-        raise UserError(f"--quant-algo {spec.algo} needs calibration text", hint="pass --calib-text FILE (plain text)")
-    if spec.algo in CALIBRATED and not calib_text.is_file():
+    if spec.algo in CALIBRATED and calib_text is not None and not calib_text.is_file():
         raise UserError(f"calibration text {calib_text} does not exist", hint="pass --calib-text FILE (plain text)")
 
 

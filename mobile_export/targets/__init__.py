@@ -90,6 +90,10 @@ class Verification:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    # what the fidelity text runs on when the artifact's runtime is not available here (Core ML
+    # off macOS: the package's own weights in the PyTorch module), with words saying so
+    stand_in: object = None
+    stand_in_label: str = ""
 
 
 class Backend(ABC):

