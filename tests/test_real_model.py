@@ -90,8 +90,8 @@ def test_xnnpack_lowering_parity_is_tight(real_builds):
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="known shortfall: the default (hqq + 8-bit head, best mean KL) answers ' approximately'; "
+    strict=False,  # one greedy token near a tie: which way it falls may differ across CPUs' kernels
+    reason="known shortfall (issue 12 open): the default (hqq + 8-bit head, best mean KL) answers ' approximately'; "
     "rtn + 8-bit head answers ' Paris' at a higher KL (bench/real_fidelity_bench.py)",
 )
 def test_xnnpack_default_answers_paris(real_builds):
