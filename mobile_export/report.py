@@ -69,8 +69,12 @@ def print_manifest(bundle: Path, manifest: Manifest, problems: list[str]) -> Non
     _out.print(f"  tokenizer   {', '.join(tok.files)} (bos {tok.bos_id}, eos {tok.eos_ids}{chat})")
     for comparison in manifest.verification.get("comparisons", []):
         state = "ok" if comparison["passed"] else ("FAILED" if comparison["enforced"] else "not enforced")
+        if "min_cosine" in comparison:  # logits compared position by position
+            figures = f"cos {comparison['min_cosine']:.6f}"
+        else:  # judged on the fidelity text (verify.quality_check)
+            figures = f"perplexity x{comparison['perplexity_ratio']:.3f}, KL mean {comparison['kl_mean']:.3g}"
         _out.print(
-            f"  verified    {escape(comparison['name'])}: cos {comparison['min_cosine']:.6f}, "
+            f"  verified    {escape(comparison['name'])}: {figures}, "
             f"top-1 {comparison['top1_agreement']:.0%} \\[{state}]"
         )
     if manifest.fidelity:
