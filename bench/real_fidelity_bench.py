@@ -9,6 +9,8 @@ mean KL divergence, perplexity ratio and top-1 agreement.
     python bench/real_fidelity_bench.py eager --model-path DIR [--rows rtn hqq ...]
     # per-layer sensitivity of one scheme (one group quantized at a time)
     python bench/real_fidelity_bench.py sensitivity --model-path DIR --rows hqq
+    # what keeping one group at 8 bits buys when everything else is 8da4w (how --keep-8bit defaults are chosen)
+    python bench/real_fidelity_bench.py restore --model-path DIR
     # artifacts: our bundles and the peers' outputs, each in its own runtime
     python bench/real_fidelity_bench.py artifacts --model-path DIR --pte NAME=FILE --onnx NAME=DIR --bundle DIR
 
@@ -56,6 +58,17 @@ EAGER_ROWS: dict[str, dict] = {
     "rtn-g32+emb4": {"algo": "rtn", "embedding": "int4"},
     "rtn-g32+8bit-head+emb4": {"algo": "rtn", "keep_8bit": ("lm_head",), "embedding": "int4"},
 }
+# the smollm2-135m android default: 8-bit head, every v_proj and the four down_proj that `restore` ranks first
+SENSITIVE = ("lm_head", r"re:layers\.\d+\.self_attn\.v_proj", "layers.2.mlp.down_proj",
+             "layers.11.mlp.down_proj", "layers.28.mlp.down_proj", "layers.{last}.mlp.down_proj")  # fmt: skip
+EAGER_ROWS.update({
+    "hqq-g32+8bit-sensitive+emb4g192": {"algo": "hqq", "keep_8bit": SENSITIVE, "embedding": "int4",
+                                        "embedding_group_size": 192},
+    "rtn-g32+8bit-sensitive+emb4g192": {"algo": "rtn", "keep_8bit": SENSITIVE, "embedding": "int4",
+                                        "embedding_group_size": 192},
+    "hqq-g32+8bit-sensitive-but-layer2+emb4g288": {"algo": "hqq", "keep_8bit": SENSITIVE[:2] + SENSITIVE[3:],
+                                                   "embedding": "int4", "embedding_group_size": 288},
+})  # fmt: skip
 PARIS = "The capital of France is"
 
 
@@ -145,6 +158,65 @@ def eager_row(name: str, fields: dict, model_path: Path, refs: dict, calib: Path
     return row
 
 
+def _fake_8da4w(model, eight_bit) -> torch.nn.Module:
+    """A copy of ``model`` with 8da4w simulated in plain torch (fast enough to try 40 layouts):
+    torchao's symmetric int4 grid (groups of 32, ``max / 7.5``, bf16 scales, -8..7), int8
+    per-channel weights for the linears ``eight_bit(name)`` names, and per-token asymmetric int8
+    activations into every linear. The LM head is 8-bit and the embedding full precision: the
+    question is what each decoder weight costs, not what the tables do."""
+    import copy
+
+    def int4(w):
+        g = w.reshape(w.shape[0], -1, 32)
+        scale = (g.abs().amax(-1, keepdim=True) / 7.5).to(torch.bfloat16).float().clamp(min=1e-9)
+        return ((g / scale).round().clamp(-8, 7) * scale).reshape(w.shape)
+
+    def int8(w):
+        scale = (w.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-9)
+        return (w / scale).round().clamp(-127, 127) * scale
+
+    def activations(_module, args):
+        x = args[0]
+        low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((high - low) / 255).clamp(min=1e-9)
+        zero = (-128 - low / scale).round().clamp(-128, 127)
+        return (((x / scale + zero).round().clamp(-128, 127) - zero) * scale,)
+
+    copied = copy.deepcopy(model)
+    copied.lm_head.weight = torch.nn.Parameter(int8(copied.lm_head.weight.detach().clone()))
+    for name, module in copied.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            short = name.removeprefix("model.")
+            if short != "lm_head":
+                module.weight.data = int8(module.weight.data) if eight_bit(short) else int4(module.weight.data)
+            module.register_forward_pre_hook(activations)
+    return copied
+
+
+def restore_gains(model, refs: dict) -> list[tuple[str, dict[str, float]]]:
+    """KL each group gives back when it alone is kept at 8 bits (per linear kind across layers, then
+    each layer's down_proj), against the all-4-bit simulation of :func:`_fake_8da4w`."""
+    from mobile_export.fidelity import accumulate_windows, iter_eager_logits
+
+    def kl(copied) -> dict[str, float]:
+        return {
+            text: accumulate_windows(iter_eager_logits(copied, ref.token_ids, WINDOW), ref).result().kl_mean
+            for text, ref in refs.items()
+        }
+
+    base = kl(_fake_8da4w(model, lambda name: False))
+    groups = [(kind, lambda n, k=kind: n.endswith(k)) for kind in
+              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]  # fmt: skip
+    groups += [(f"layers.{i}.mlp.down_proj", lambda n, i=i: n == f"layers.{i}.mlp.down_proj")
+               for i in range(len(model.model.layers))]  # fmt: skip
+    out = [("all 4-bit (KL)", base)]
+    for label, chosen in groups:
+        figures = kl(_fake_8da4w(model, chosen))
+        out.append((label, {text: base[text] - figures[text] for text in base}))
+        print(f"  {label:26} " + " ".join(f"{t} {v:+.4f}" for t, v in out[-1][1].items()), flush=True)
+    return out
+
+
 def _figures(result) -> dict:
     return {
         "kl": round(result.kl_mean, 4),
@@ -160,8 +232,22 @@ def artifact_row(name: str, kind: str, runtime, nbytes: int, refs: dict, tokeniz
     row = {"row": name, "kind": kind, "bytes": nbytes}
     for text, ref in refs.items():
         row[text] = _figures(evaluate_runtime(runtime, ref))
-    row["paris"] = tokenizer.decode([int(runtime.step(tokenizer(PARIS)["input_ids"], 0).argmax())])
+    row["paris"] = tokenizer.decode([int(_prompt_logits(runtime, tokenizer(PARIS)["input_ids"]).argmax())])
     return row
+
+
+def _prompt_logits(runtime, ids: list[int]):
+    """Last-token logits of a prompt: one prefill, or token by token where a peer's program
+    refuses a prefill of this length."""
+    if hasattr(runtime, "reset"):
+        runtime.reset()
+    try:
+        return runtime.step(ids, 0)
+    except RuntimeError:
+        logits = None
+        for pos, token in enumerate(ids):
+            logits = runtime.step([token], pos)
+        return logits
 
 
 def folder_bytes(path: Path) -> int:
@@ -187,7 +273,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("eager", "sensitivity", "artifacts"))
+    parser.add_argument("mode", choices=("eager", "sensitivity", "restore", "artifacts"))
     parser.add_argument("--model-path", type=Path, required=True)
     parser.add_argument("--rows", nargs="*", default=None, help=f"eager rows: {', '.join(EAGER_ROWS)}")
     parser.add_argument("--tokens", type=int, default=1024)
@@ -215,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             for g in groups:
                 print(f"  {g.group:14} KL {g.kl_mean:.4f} top-1 {g.top1_agreement:.1%} "
                       f"+8bit {g.extra_bytes_8bit / 1e6:.2f} MB")  # fmt: skip
+        return 0
+    if args.mode == "restore":
+        print("KL given back by keeping one group at 8 bits (8da4w simulated in torch; + is better)")
+        restore_gains(model, refs)
         return 0
     del model
     if args.mode == "eager":

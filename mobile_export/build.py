@@ -71,6 +71,7 @@ class BuildRequest:
     quant: str | None = None
     group_size: int | None = None
     embedding_quant: str | None = None
+    embedding_group_size: int | None = None
     context_length: int | None = None
     output_dir: Path = Path("dist")
     force: bool = False
@@ -152,6 +153,12 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
     backend.check(request.target, scheme)
     embedding = request.embedding_quant if request.embedding_quant is not None else settings.embedding
     group_size = request.group_size if request.group_size is not None else settings.group_size
+    if request.embedding_group_size is not None:
+        embedding_groups = request.embedding_group_size
+    elif request.embedding_quant is None and request.group_size is None:
+        embedding_groups = settings.embedding_group_size
+    else:  # the user changed the embedding or the groups: the recipe's embedding groups no longer apply
+        embedding_groups = None
     spec = QuantSpec(
         scheme=scheme,
         group_size=group_size,
@@ -160,6 +167,7 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
         algo=request.quant_algo if request.quant_algo is not None else (settings.algo or "rtn"),
         rotate=request.rotate if request.rotate is not None else bool(settings.rotate),
         keep_8bit=tuple(request.keep_8bit) or tuple(settings.keep_8bit or ()),
+        embedding_group_size=embedding_groups if embedding == "int4" else None,
     )
     check_algorithm_support(backend, spec, request.calib_text)
     return spec
@@ -420,6 +428,7 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                 "scheme": spec.scheme,
                 "group_size": spec.group_size if spec.uses_groups else None,
                 "embedding": spec.embedding,
+                "embedding_group_size": spec.embedding_groups if spec.embedding == "int4" else None,
                 "bits_per_weight": round(artifact_bytes * 8 / parameters, 3),
             }
             quantization.update(algorithm=spec.algo, rotate=spec.rotate)

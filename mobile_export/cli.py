@@ -49,6 +49,7 @@ def main() -> None:
 )
 @click.option("--group-size", type=int, help="Group (block) size for 8da4w, int4 and int4 embeddings: 32, 64 or 128.")
 @click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
+@click.option("--embedding-group-size", type=int, help="Columns per scale of an int4 embedding (default: --group-size).")
 @click.option("--context-length", type=int, help="Tokens the KV cache holds (default from the recipe).")
 @click.option("--model-path", type=click.Path(path_type=Path), help="Local Hugging Face model folder.")
 @click.option("--random-weights", is_flag=True, help="Random weights of the recipe's architecture (tests, benchmarks).")

@@ -469,6 +469,38 @@ def _rope_tables(
     return tables
 
 
+def _rope_frequencies(
+    rotary_cls: type, config, tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str | None, tuple[torch.Tensor, float]]:
+    """Per layer type, the inverse frequencies and output scale that rebuild its cos/sin table as
+    ``cos(p * f) * s`` for every position ``p`` (full-width rotary, non-interleaved halves).
+
+    Only static rope variants qualify, and only when the rebuilt table matches transformers' own
+    within fp32 rounding (checked here for every position): dynamic or long-context variants whose
+    frequencies depend on the sequence keep their tables. Computing the rows in the graph saves the
+    tables' bytes (2 x positions x head_dim fp32 per layer type: 1 MB at 2048 x 64).
+    """
+    with torch.device("cpu"):
+        rotary = rotary_cls(config).float()
+    found: dict[str | None, tuple[torch.Tensor, float]] = {}
+    for layer_type, (cos, sin) in tables.items():
+        prefix = f"{layer_type}_" if layer_type is not None else ""
+        inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+        scaling = getattr(rotary, f"{prefix}attention_scaling", None)
+        if not isinstance(inv_freq, torch.Tensor) or not isinstance(scaling, (int, float)):
+            continue
+        if 2 * inv_freq.numel() != cos.shape[-1]:
+            continue
+        positions = torch.arange(cos.shape[0], dtype=torch.float32)[:, None]
+        freqs = torch.cat([positions * inv_freq.float()] * 2, dim=-1)
+        rebuilt_cos, rebuilt_sin = freqs.cos() * scaling, freqs.sin() * scaling
+        if torch.allclose(rebuilt_cos, cos[:, 0], atol=1e-5, rtol=0) and torch.allclose(
+            rebuilt_sin, sin[:, 0], atol=1e-5, rtol=0
+        ):
+            found[layer_type] = (inv_freq.float().clone(), float(scaling))
+    return found
+
+
 def _rotary_dim(table: torch.Tensor) -> int:
     """Width of the rotated part of a padded sin table (trailing all-zero columns are not rotated)."""
     nonzero = table.reshape(-1, table.shape[-1]).abs().amax(dim=0) > 0
@@ -510,11 +542,17 @@ class ExportableDecoder(nn.Module):
         rotary_dim = max(rotary_dims)
         self.register_buffer("rope_rot", rotate_half_matrix(head_dim, rotary_dim), persistent=False)
         self._rope_keys: list[str] = []
+        self._rope_scaling: dict[str, float] = {}  # keys whose rows the graph computes (no table)
+        frequencies = _rope_frequencies(type(base.rotary_emb), config, tables) if attention == "executorch" else {}
         key_for_type: dict[str | None, str] = {}
         for index, (layer_type, (cos, sin)) in enumerate(tables.items()):
             key = f"rope{index}"
-            self.register_buffer(f"{key}_cos", cos, persistent=False)
-            self.register_buffer(f"{key}_sin", sin, persistent=False)
+            if layer_type in frequencies:
+                inv_freq, self._rope_scaling[key] = frequencies[layer_type]
+                self.register_buffer(f"{key}_inv_freq", inv_freq, persistent=False)
+            else:
+                self.register_buffer(f"{key}_cos", cos, persistent=False)
+                self.register_buffer(f"{key}_sin", sin, persistent=False)
             if attention == "onnx":  # GroupQueryAttention's caches: [max_seq_len, rotary_dim/2]
                 half = rotary_dim // 2
                 self.register_buffer(f"{key}_cos_half", cos[:, 0, :half].contiguous(), persistent=False)
@@ -568,13 +606,24 @@ class ExportableDecoder(nn.Module):
         0..T-1 (layer-by-layer calibration); writes that layer's KV cache."""
         seq = hidden.shape[1]
         self.ctx.start_pos, self.ctx.end_pos, self.ctx.mask = 0, seq, None
-        key = self._rope_keys[index]
-        cos, sin = getattr(self, f"{key}_cos")[:seq], getattr(self, f"{key}_sin")[:seq]
+        cos, sin = self._rope_rows(self._rope_keys[index], 0, seq)
         with torch.no_grad():
             out = self.layers[index](
                 hidden, position_embeddings=(cos, sin, self.rope_rot), attention_mask=None, position_ids=None
             )
         return out[0] if isinstance(out, tuple) else out
+
+    def _rope_rows(self, key: str, start_pos, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows [seq, 1, head_dim] of positions ``start_pos ..``: computed from the
+        frequencies when the table was dropped, else sliced from the table."""
+        if key not in self._rope_scaling:
+            cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
+            return cos.narrow(0, start_pos, seq), sin.narrow(0, start_pos, seq)
+        positions = torch.arange(seq, dtype=torch.float32) + start_pos
+        freqs = positions[:, None] * getattr(self, f"{key}_inv_freq")[None, :]
+        freqs = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        scaling = self._rope_scaling[key]
+        return freqs.cos() * scaling, freqs.sin() * scaling
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -599,6 +648,9 @@ class ExportableDecoder(nn.Module):
         hidden = self.embed_tokens(tokens)
         rope = {}
         for key in sorted(set(self._rope_keys)):
+            if key in self._rope_scaling:
+                rope[key] = (*self._rope_rows(key, start_pos, seq), self.rope_rot)
+                continue
             cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
             if self.attention == "onnx":
                 if self.layers[0].self_attn.rotary_in_op:

@@ -55,6 +55,7 @@ class QuantSpec:
     algo: str = "rtn"
     rotate: bool = False
     keep_8bit: tuple[str, ...] = ()
+    embedding_group_size: int | None = None  # int4 embedding groups; None: ``group_size``
 
     def __post_init__(self) -> None:
         if self.scheme not in LINEAR_SCHEMES:
@@ -71,6 +72,13 @@ class QuantSpec:
             raise UserError(
                 f"unsupported group size {self.group_size}",
                 hint="choose one of: " + ", ".join(map(str, GROUP_SIZES)),
+            )
+        if self.embedding_group_size is not None and (
+            self.embedding != "int4" or not 16 <= self.embedding_group_size <= 8192
+        ):
+            raise UserError(
+                f"embedding group size {self.embedding_group_size} needs --embedding-quant int4 and 16..8192",
+                hint="leave out --embedding-group-size, or use it with --embedding-quant int4",
             )
         if self.algo not in ALGORITHMS:
             raise UserError(
@@ -100,8 +108,18 @@ class QuantSpec:
         if self.rotate:
             linear += " + rotate"
         if self.keep_8bit:
-            linear += " + 8-bit " + ",".join(self.keep_8bit)
-        return linear if self.embedding == "none" else f"{linear} + emb {self.embedding}"
+            more = len(self.keep_8bit) - 2
+            named = ",".join(self.keep_8bit if more <= 0 else self.keep_8bit[:2])
+            linear += " + 8-bit " + named + (f" and {more} more" if more > 0 else "")
+        if self.embedding == "none":
+            return linear
+        grouped_emb = f" g{self.embedding_group_size}" if self.embedding_group_size else ""
+        return f"{linear} + emb {self.embedding}{grouped_emb}"
+
+    @property
+    def embedding_groups(self) -> int:
+        """Columns per scale of an int4 embedding table."""
+        return self.embedding_group_size or self.group_size
 
     @property
     def bits(self) -> int:
@@ -198,7 +216,7 @@ def _embedding_config(spec: QuantSpec, bits: int | None = None):
             weight_dtype=torch.int8, granularity=PerAxis(0), intx_choose_qparams_algorithm=algorithm
         )
     return IntxWeightOnlyConfig(
-        weight_dtype=torch.int4, granularity=PerGroup(spec.group_size), intx_choose_qparams_algorithm=algorithm
+        weight_dtype=torch.int4, granularity=PerGroup(spec.embedding_groups), intx_choose_qparams_algorithm=algorithm
     )
 
 
@@ -296,11 +314,11 @@ def quantize_embedding(
     if bits == 8 and spec.embedding == "int4":
         report.kept_8bit.append("embed_tokens")
         rows, dim = embedding.weight.shape
-        report.extra_bytes_8bit += rows * dim // 2 + rows * 4 - (rows * dim // spec.group_size) * 4
-    if bits == 4 and embedding.embedding_dim % spec.group_size != 0:
+        report.extra_bytes_8bit += rows * dim // 2 + rows * 4 - (rows * dim // spec.embedding_groups) * 4
+    if bits == 4 and embedding.embedding_dim % spec.embedding_groups != 0:
         raise UserError(
-            f"embedding width {embedding.embedding_dim} is not a multiple of group size {spec.group_size}",
-            hint="use --embedding-quant int8 or another --group-size",
+            f"embedding width {embedding.embedding_dim} is not a multiple of group size {spec.embedding_groups}",
+            hint="use --embedding-quant int8 or an --embedding-group-size that divides it",
         )
     holder = nn.ModuleDict({"embed": embedding})
     with torch.no_grad():

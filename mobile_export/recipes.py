@@ -45,6 +45,7 @@ class QuantSettings(_Strict):
     algo: Literal["rtn", "hqq", "gptq", "awq"] | None = None
     rotate: bool | None = None
     keep_8bit: list[str] | None = None
+    embedding_group_size: int | None = None  # int4 embedding groups (default: group_size)
 
 
 COMPUTE_UNITS: tuple[str, ...] = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")

@@ -88,3 +88,23 @@ def test_core_ml_entry_positions_come_from_input_shapes(arch):
         for p in range(20, 30):
             got.append(entry(torch.tensor([[seq[p]]]), additive_causal_mask(p, 1, p + 1))[0])
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi3"])
+def test_static_rope_rows_are_computed_in_the_graph_not_stored(arch):
+    """ExecuTorch decoders drop a static rope's cos/sin tables (2 x context x head_dim fp32 each)
+    and compute the rows from the frequencies; the rows equal the tables' at every position. A
+    rope the frequencies cannot rebuild (the tiny Phi-3's partial rotary) keeps its table."""
+    model = tiny_model(arch)
+    stored = ExportableDecoder(model, max_seq_len=64, attention="portable")
+    computed = ExportableDecoder(model, max_seq_len=64, attention="executorch")
+    tables = [n for n, _ in computed.named_buffers() if n.endswith(("_cos", "_sin"))]
+    if arch == "phi3":
+        assert tables and not computed._rope_scaling
+        return
+    assert not tables and set(computed._rope_scaling) == set(computed._rope_keys)
+    for key in set(computed._rope_keys):
+        for start, seq in ((0, 64), (37, 5), (63, 1)):
+            cos, sin = computed._rope_rows(key, start, seq)
+            assert torch.allclose(cos, getattr(stored, f"{key}_cos")[start : start + seq], atol=1e-5, rtol=0)
+            assert torch.allclose(sin, getattr(stored, f"{key}_sin")[start : start + seq], atol=1e-5, rtol=0)

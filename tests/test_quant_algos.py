@@ -362,3 +362,43 @@ def test_sensitivity_stand_ins_for_bundle_schemes():
         spec_for_bundle({"scheme": "palettize4"}, "coreml")
     with pytest.raises(UserError, match="the bundle is fp32"):
         spec_for_bundle({"scheme": "fp32"}, "xnnpack")
+
+
+def test_int4_embedding_has_its_own_group_size():
+    from mobile_export.quantize import quantize_embedding
+
+    table = nn.Embedding(100, 192)
+    original = table.weight.detach().clone()
+    spec = QuantSpec(scheme="8da4w", group_size=32, embedding="int4", embedding_group_size=96)
+    assert spec.embedding_groups == 96 and spec.label.endswith("emb int4 g96")
+    quantize_embedding(table, spec, QuantReport())
+    assert tuple(table.weight.scale.shape) == (100, 2)  # one scale per 96 columns, not per 32
+    error = (table.weight.dequantize() - original).abs().amax(dim=1)
+    assert bool((error <= original.abs().amax(dim=1) / 7.5 * 0.5 + 1e-6).all())  # half a step of each row's grid
+    assert QuantSpec(embedding="int4").embedding_groups == 32  # default: the linears' group size
+    with pytest.raises(UserError, match="needs --embedding-quant int4"):
+        QuantSpec(embedding="int8", embedding_group_size=64)
+    with pytest.raises(UserError, match="not a multiple of group size 80"):
+        quantize_embedding(nn.Embedding(10, 192), QuantSpec(embedding="int4", embedding_group_size=80), QuantReport())
+
+
+def test_recipe_embedding_groups_apply_until_the_command_line_changes_the_embedding():
+    from mobile_export.build import BuildRequest, quant_spec
+    from mobile_export.recipes import QuantSettings, TargetSettings, recipe_from_model_config
+
+    recipe = recipe_from_model_config(tiny_model("llama").config.to_dict(), "tiny")
+    android = TargetSettings(
+        backend="xnnpack", quant=QuantSettings(scheme="8da4w", embedding="int4", embedding_group_size=64)
+    )
+    recipe = recipe.model_copy(update={"targets": {**recipe.targets, "android": android}})
+    backend = get_backend("xnnpack")
+
+    def groups(**request) -> int | None:
+        return quant_spec(recipe, BuildRequest(recipe=None, target="android", **request), backend).embedding_group_size
+
+    assert groups() == 64
+    assert groups(embedding_group_size=128) == 128
+    assert groups(group_size=64) is None  # the user's --group-size then sets the table's groups too
+    assert groups(embedding_quant="int8") is None
+    with pytest.raises(UserError, match="--embedding-group-size is not available for backend onnx"):
+        quant_spec(recipe, BuildRequest(recipe=None, target="android", embedding_group_size=64), get_backend("onnx"))

@@ -138,6 +138,11 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
             f"--keep-8bit is not available for backend {backend.name}",
             hint="its compression is applied by the converter to every layer alike",
         )
+    if spec.embedding_group_size is not None and not backend.quantizes_in_torch:
+        raise UserError(
+            f"--embedding-group-size is not available for backend {backend.name}",
+            hint="its embedding table is quantized by the converter (onnx: it reuses the head's blocks)",
+        )
     if spec.algo in CALIBRATED and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
         raise UserError(
             f"--quant-algo {spec.algo} is not available for {backend.name} {spec.scheme}",

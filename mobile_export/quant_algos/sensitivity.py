@@ -163,12 +163,15 @@ def spec_for_bundle(quantization: dict, backend: str) -> tuple[QuantSpec, list[s
         notes.append("without the bundle's rotation")
     if backend != "xnnpack":
         notes.append(f"{backend}'s weights stood in for by torchao's weight-only {scheme}")
+    embedding = str(quantization.get("embedding") or "none").split()[0]  # "int4 (shared with the LM head)"
+    embedding_groups = quantization.get("embedding_group_size") if backend == "xnnpack" else None
     spec = QuantSpec(
         scheme=scheme,
         group_size=int(quantization.get("group_size") or 32),
-        embedding=str(quantization.get("embedding") or "none").split()[0],  # "int4 (shared with the LM head)"
+        embedding=embedding,
         weight_only=backend != "xnnpack",
         algo=algo,
+        embedding_group_size=int(embedding_groups) if embedding_groups and embedding == "int4" else None,
     )
     return spec, notes
 
