@@ -121,6 +121,28 @@ def test_core_ml_package(model_dirs, tmp_path, arch, scheme):
 
 
 @pytest.mark.slow
+def test_core_ml_stores_hqq_integers_and_8bit_layers_chosen_in_torch(model_dirs, tmp_path):
+    """--quant-algo hqq and --keep-8bit on Core ML: torch picks every integer and scale, the
+    package holds exactly them (int4 blocks, and int8 per channel for the kept layers)."""
+    keep = ["--keep-8bit", "layers.0.*", "--keep-8bit", "lm_head"]
+    result = _build(model_dirs["llama"], tmp_path, "--quant", "int4", "--quant-algo", "hqq", *keep)
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "tiny-llama-ios"
+    manifest = read_manifest(bundle)
+    assert manifest.quantization["algorithm"] == "hqq"
+    assert "layers.0.mlp.down_proj" in manifest.quantization["keep_8bit"]["layers"]
+    _, storage = _read_package(bundle)
+    kinds = list(storage.values())
+    assert set(kinds) == {"int4 blocks of 32", "int8 per channel"}, storage
+    assert kinds.count("int8 per channel") >= 7  # layer 0's seven linears (the tied head is a gather's table too)
+    comparisons = {c["name"]: c for c in manifest.verification["comparisons"]}
+    exact = comparisons["package weights vs converted module"]
+    assert exact["passed"] and exact["min_cosine"] >= 0.9995
+    cost = comparisons["quantization cost (package weights in PyTorch vs original)"]
+    assert cost["enforced"] and cost["passed"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,scheme", [("llama", "int4"), ("phi3", "fp32")])
 def test_executorch_core_ml_delegate(model_dirs, tmp_path, arch, scheme):
     result = _build(model_dirs[arch], tmp_path, "--backend", "coreml-executorch", "--quant", scheme)

@@ -232,8 +232,10 @@ def _cli(args: list[str]) -> tuple[int, str]:
         (["--quant-algo", "awq", "--calib-text", "/no/such.txt"], "calibration text /no/such.txt does not exist"),
         (["--quant-algo", "sparsegpt"], "unknown quantization algorithm 'sparsegpt'"),
         (["--quant", "fp32", "--quant-algo", "awq"], "--quant-algo awq needs a quantized scheme, not fp32"),
-        (["--target", "ios", "--quant-algo", "hqq"], "--quant-algo hqq is not available for backend coreml"),
-        (["--target", "ios", "--keep-8bit", "lm_head"], "--keep-8bit is not available for backend coreml"),
+        (["--target", "ios", "--quant", "palettize4", "--quant-algo", "hqq"], "hqq is not available for coreml palettize4"),
+        (["--target", "ios", "--quant", "fp16", "--keep-8bit", "lm_head"], "--keep-8bit has nothing to keep"),
+        (["--target", "ios", "--quant", "palettize6", "--keep-8bit", "lm_head"], "not available for coreml palettize6"),
+        (["--backend", "onnx", "--keep-8bit", "lm_head"], "--keep-8bit is not available for backend onnx"),
     ],
 )
 def test_cli_refuses_before_loading(tmp_path, args, message):

@@ -93,6 +93,16 @@ def test_xnnpack_default_beats_the_peer_at_its_size(real_builds):
     assert (bundle / "model.pte").stat().st_size <= 1.02 * PEER_PTE_BYTES
 
 
+def test_coreml_default_is_no_worse_than_xnnpacks(real_builds):
+    """The iOS default (hqq int4, the same 8-bit layers, the tied table once at 8 bits) against the
+    android default on the same 510 tokens; Core ML's figure runs the package's weights in PyTorch."""
+    coreml, _ = real_builds("coreml")
+    xnnpack, _ = real_builds("xnnpack")
+    assert coreml["quantization"]["algorithm"] == "hqq" and coreml["quantization"]["keep_8bit"]["layers"]
+    assert coreml["fidelity"]["status"] == "ok" and coreml["fidelity"]["tokens"] == xnnpack["fidelity"]["tokens"]
+    assert coreml["fidelity"]["kl_mean"] <= xnnpack["fidelity"]["kl_mean"]
+
+
 def test_xnnpack_lowering_parity_is_tight(real_builds):
     manifest, _ = real_builds("xnnpack")
     lowering = _checks(manifest)["lowering parity"]

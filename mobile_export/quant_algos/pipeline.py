@@ -42,7 +42,13 @@ from mobile_export.quant_algos.calibration import (
     next_hidden,
     stage_inputs,
 )
-from mobile_export.quant_algos.grid import attach_coreml_quantization, group_scales, install_weight, quantize_grouped
+from mobile_export.quant_algos.grid import (
+    attach_coreml_quantization,
+    group_scales,
+    install_weight,
+    qrange,
+    quantize_grouped,
+)
 from mobile_export.quant_algos.rotation import (
     check_layer,
     check_rotatable,
@@ -70,14 +76,16 @@ from mobile_export.runtimes.executorch import native_output_silenced
 BACKEND_ALGOS: dict[str, tuple[str, ...]] = {
     "xnnpack": ALGORITHMS,
     "coreml-executorch": ALGORITHMS,
-    "coreml": ("rtn", "gptq", "awq"),
+    "coreml": ALGORITHMS,  # hqq, and --keep-8bit, through integers chosen in torch
     "onnx": ("rtn", "hqq"),  # ONNX Runtime's MatMulNBitsQuantizer (default RTN, HQQ)
 }
 ALGO_HINTS: dict[str, str] = {
-    "coreml": "coremltools offers no HQQ (its int4/int8 are round-to-nearest); use rtn, gptq or awq",
     "onnx": "ONNX Runtime's quantizer offers rtn and hqq here; use --quant-algo rtn or hqq",
 }
 ROTATE_BACKENDS: tuple[str, ...] = ("xnnpack", "coreml", "coreml-executorch")
+# converters that can store integers chosen in torch (coremltools' compression-info buffers): with
+# hqq or --keep-8bit, torch picks every integer and scale instead of the converter's round-to-nearest
+TORCH_GRID_BACKENDS: tuple[str, ...] = ("coreml",)
 GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (the paper's 1%)
 GPTQ_ACT_ORDER = True  # columns by decreasing Hessian diagonal, static groups (on par with off on the test model)
 
@@ -103,6 +111,7 @@ class AlgoContext:
     round_scale: object = None  # scales as the runtime stores them (bf16 for XNNPACK groups, fp16 Core ML)
     round_channels: bool = False  # also round per-channel scales
     tied_head: bool = False
+    torch_grid: bool = False  # Core ML with hqq / --keep-8bit: integers chosen here, stored as they are
     awq_alphas: list[float] = field(default_factory=list)
 
 
@@ -133,7 +142,7 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
         )
     if spec.rotate and backend.name not in ROTATE_BACKENDS:
         raise UserError(f"--rotate is not available for backend {backend.name}", hint="leave out --rotate")
-    if spec.keep_8bit and not backend.quantizes_in_torch:
+    if spec.keep_8bit and not (backend.quantizes_in_torch or backend.name in TORCH_GRID_BACKENDS):
         raise UserError(
             f"--keep-8bit is not available for backend {backend.name}",
             hint="its compression is applied by the converter to every layer alike",
@@ -143,10 +152,16 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
             f"--embedding-group-size is not available for backend {backend.name}",
             hint="its embedding table is quantized by the converter (onnx: it reuses the head's blocks)",
         )
-    if spec.algo in CALIBRATED and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+    torch_chosen = spec.algo in CALIBRATED or (spec.algo == "hqq" and backend.name in TORCH_GRID_BACKENDS)
+    if torch_chosen and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
         raise UserError(
             f"--quant-algo {spec.algo} is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 or int8 with it, or --quant-algo rtn",
+        )
+    if spec.keep_8bit and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+        raise UserError(
+            f"--keep-8bit is not available for {backend.name} {spec.scheme}",
+            hint="use --quant int4 with it, or leave out --keep-8bit",
         )
     if spec.algo in CALIBRATED and calib_text is not None and not calib_text.is_file():
         raise UserError(f"calibration text {calib_text} does not exist", hint="pass --calib-text FILE (plain text)")
@@ -179,6 +194,12 @@ def quantize_decoder(
     keep = keep_8bit_matcher(spec.keep_8bit, n_layers) if spec.keep_8bit else None
     check_keep_patterns(decoder, spec)
     ctx = AlgoContext(spec=spec, report=report, keep=keep, torch_quant=torch_quant)
+    ctx.torch_grid = (
+        backend.name in TORCH_GRID_BACKENDS
+        and spec.scheme in ("int4", "int8")
+        and spec.algo not in CALIBRATED
+        and (spec.algo == "hqq" or bool(spec.keep_8bit))
+    )
     if torch_quant and spec.dynamic_activation and spec.uses_groups:
         ctx.round_scale = _bf16_scale
     elif not backend.quantizes_in_torch:
@@ -233,6 +254,11 @@ def _quantize_layers(decoder, ctx: AlgoContext, backend, ui, rotation, calibrati
                 _awq_layer(decoder, index, hidden, stages, chosen, ctx)
             report.quantized_linears += len(chosen)
             hidden = next_hidden(decoder, index, hidden)
+        elif ctx.torch_grid:
+            chosen = select_linears(layer, spec, report, prefix, keep)
+            for name, bits in chosen.items():
+                _grid_install(ctx, layer.get_submodule(name), bits)
+            report.quantized_linears += len(chosen)
         elif backend.quantizes_in_torch:
             quantize_module(layer, spec, report, prefix=prefix, keep=keep)
         if not backend.quantizes_in_torch:
@@ -244,7 +270,14 @@ def _quantize_layers(decoder, ctx: AlgoContext, backend, ui, rotation, calibrati
     if rotation is not None:
         rotate_head(decoder.lm_head, decoder.norm, rotation)
     holder = nn.ModuleDict({"lm_head": decoder.lm_head})  # a parent, so the head can be swapped
-    if calibrated and ctx.tied_head:
+    if ctx.torch_grid:
+        decoder.lm_head.float()
+        if ctx.tied_head:
+            _round_shared_table(decoder, ctx)
+        else:
+            for name, bits in select_linears(holder, spec, report, "", keep).items():
+                _grid_install(ctx, holder.get_submodule(name), bits)
+    elif calibrated and ctx.tied_head:
         _round_shared_table(decoder, ctx)
         report.details["lm_head"] = "shares the embedding table: round-to-nearest, so the table stays shared"
     elif calibrated:
@@ -277,13 +310,39 @@ def _round_shared_table(decoder, ctx: AlgoContext) -> None:
     grid (GPTQ for the head would move the embedding rows too) and hand it to the converter like
     the other weights, so the package holds exactly what the verification's module holds."""
     head, embedding = decoder.lm_head, decoder.embed_tokens
-    bits = ctx.spec.bits
+    bits = 8 if ctx.keep is not None and ctx.spec.bits < 8 and ctx.keep("lm_head") else ctx.spec.bits
+    if bits == 8 and ctx.spec.bits < 8:
+        ctx.report.kept_8bit.append("lm_head (shared with the embedding)")
     group = _group(ctx, head, bits)
     w = head.weight.detach().float()
-    scale = ctx.round_scale(group_scales(w, group, bits))
+    scale = ctx.round_scale(_grid_scales(ctx, w, group, bits))
     attach_coreml_quantization(head, quantize_grouped(w, scale, group, bits), scale, group, bits)
     for name, buffer in head.named_buffers(recurse=False):  # the converter may name the table either way
         embedding.register_buffer(name, buffer)
+
+
+def _grid_scales(ctx: AlgoContext, w: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+    """Scales [out, in / group] of the symmetric grid: HQQ's scale-only optimisation (torchao's)
+    for ``hqq``, else round-to-nearest's group maxima."""
+    if ctx.spec.algo != "hqq":
+        return group_scales(w, group, bits)
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    qmin, qmax = qrange(bits)
+    _, scale = _choose_qparams_and_quantize_scale_only_hqq(w, [1, group], qmin, qmax)
+    return scale.float().reshape(w.shape[0], w.shape[1] // group)
+
+
+def _grid_install(ctx: AlgoContext, linear: nn.Linear, bits: int) -> None:
+    """Choose a linear's integers and scales here (rounded as the converter stores the scales)
+    and attach them for the converter."""
+    group = _group(ctx, linear, bits)
+    w = linear.weight.detach().float()
+    scale = _grid_scales(ctx, w, group, bits)
+    rounding = _rounding(ctx, group, linear)
+    if rounding is not None:
+        scale = rounding(scale)
+    _install(ctx, linear, quantize_grouped(w, scale, group, bits), scale, group, bits)
 
 
 def layer_stages(layer: nn.Module, chosen: dict[str, int]) -> list[Stage]:

@@ -148,6 +148,7 @@ def check_compression(package: Package, spec, tied: bool = False) -> tuple[dict,
     counts: dict[str, int] = {}
     problems: list[str] = []
     embedding = None
+    kept_8bit = bool(getattr(spec, "keep_8bit", ()))  # --keep-8bit layers are int8 per channel
     for op in package.ops:
         if op.op_type not in ("linear", "gather"):
             continue
@@ -169,8 +170,9 @@ def check_compression(package: Package, spec, tied: bool = False) -> tuple[dict,
         if want is None:
             if source.op_type != "const":
                 problems.append(f"{source.name} is {described}, expected uncompressed")
-        elif not described.startswith(want) and size > WEIGHT_THRESHOLD:
-            problems.append(f"{source.name} is stored as {described}, expected {want}")
+        elif not (described.startswith(want) or (kept_8bit and described == "int8 per channel")):
+            if size > WEIGHT_THRESHOLD:
+                problems.append(f"{source.name} is stored as {described}, expected {want}")
     if not counts:
         problems.append("the package has no linear layers to check")
     return {"linear_weights": counts, "embedding": embedding, "expected": want_linear}, problems
