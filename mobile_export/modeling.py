@@ -20,7 +20,6 @@ inside (see :mod:`mobile_export.ort_attention`, :class:`OnnxAttention` and :clas
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from mobile_export.errors import UserError
+from mobile_export.rope_tables import rope_frequencies, rope_tables, rotary_dim_of
 
 ATTENTION_KINDS: tuple[str, ...] = ("executorch", "portable", "onnx")
 
@@ -435,78 +435,6 @@ class OnnxAttention(CachedAttention):
         return self.o_proj(out), None
 
 
-def _rope_tables(
-    rotary_cls: type, config, max_seq_len: int, head_dim: int
-) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
-    """cos/sin tables [max_seq_len, 1, head_dim] per layer type, from transformers' own rotary module.
-
-    A fresh fp32 rotary module is built from the config, so every rope variant transformers
-    knows (llama3, linear, yarn, longrope, per-layer-type Gemma 3 ropes) comes out exactly as the
-    original model computes it. Dims past the rotary width get cos 1 and sin 0.
-    """
-    with torch.device("cpu"):
-        rotary = rotary_cls(config).float()
-    positions = torch.arange(max_seq_len, dtype=torch.long)[None, :]
-    probe = torch.zeros(1, dtype=torch.float32)
-    layer_types = getattr(config, "layer_types", None)
-    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
-
-    def padded(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = cos[0].float(), sin[0].float()
-        extra = head_dim - cos.shape[-1]
-        if extra:
-            cos = torch.cat([cos, torch.ones(max_seq_len, extra)], dim=-1)
-            sin = torch.cat([sin, torch.zeros(max_seq_len, extra)], dim=-1)
-        return cos[:, None, :].contiguous(), sin[:, None, :].contiguous()
-
-    tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad():
-        if takes_layer_type and layer_types:
-            for layer_type in sorted(set(layer_types)):
-                tables[layer_type] = padded(*rotary(probe, positions, layer_type))
-        else:
-            tables[None] = padded(*rotary(probe, positions))
-    return tables
-
-
-def _rope_frequencies(
-    rotary_cls: type, config, tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str | None, tuple[torch.Tensor, float]]:
-    """Per layer type, the inverse frequencies and output scale that rebuild its cos/sin table as
-    ``cos(p * f) * s`` for every position ``p`` (full-width rotary, non-interleaved halves).
-
-    Only static rope variants qualify, and only when the rebuilt table matches transformers' own
-    within fp32 rounding (checked here for every position): dynamic or long-context variants whose
-    frequencies depend on the sequence keep their tables. Computing the rows in the graph saves the
-    tables' bytes (2 x positions x head_dim fp32 per layer type: 1 MB at 2048 x 64).
-    """
-    with torch.device("cpu"):
-        rotary = rotary_cls(config).float()
-    found: dict[str | None, tuple[torch.Tensor, float]] = {}
-    for layer_type, (cos, sin) in tables.items():
-        prefix = f"{layer_type}_" if layer_type is not None else ""
-        inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
-        scaling = getattr(rotary, f"{prefix}attention_scaling", None)
-        if not isinstance(inv_freq, torch.Tensor) or not isinstance(scaling, (int, float)):
-            continue
-        if 2 * inv_freq.numel() != cos.shape[-1]:
-            continue
-        positions = torch.arange(cos.shape[0], dtype=torch.float32)[:, None]
-        freqs = torch.cat([positions * inv_freq.float()] * 2, dim=-1)
-        rebuilt_cos, rebuilt_sin = freqs.cos() * scaling, freqs.sin() * scaling
-        if torch.allclose(rebuilt_cos, cos[:, 0], atol=1e-5, rtol=0) and torch.allclose(
-            rebuilt_sin, sin[:, 0], atol=1e-5, rtol=0
-        ):
-            found[layer_type] = (inv_freq.float().clone(), float(scaling))
-    return found
-
-
-def _rotary_dim(table: torch.Tensor) -> int:
-    """Width of the rotated part of a padded sin table (trailing all-zero columns are not rotated)."""
-    nonzero = table.reshape(-1, table.shape[-1]).abs().amax(dim=0) > 0
-    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else table.shape[-1]
-
-
 class ExportableDecoder(nn.Module):
     """A transformers causal LM rewired for export: static KV cache, last-token logits.
 
@@ -537,13 +465,13 @@ class ExportableDecoder(nn.Module):
         self.ctx = StepContext()
         layer_types = getattr(config, "layer_types", None)
         head_dim = int(self.layers[0].self_attn.head_dim)
-        tables = _rope_tables(type(base.rotary_emb), config, max_seq_len, head_dim)
-        rotary_dims = {_rotary_dim(sin[1:]) for _, sin in tables.values()}
+        tables = rope_tables(type(base.rotary_emb), config, max_seq_len, head_dim)
+        rotary_dims = {rotary_dim_of(sin[1:]) for _, sin in tables.values()}
         rotary_dim = max(rotary_dims)
         self.register_buffer("rope_rot", rotate_half_matrix(head_dim, rotary_dim), persistent=False)
         self._rope_keys: list[str] = []
         self._rope_scaling: dict[str, float] = {}  # keys whose rows the graph computes (no table)
-        frequencies = _rope_frequencies(type(base.rotary_emb), config, tables) if attention == "executorch" else {}
+        frequencies = rope_frequencies(type(base.rotary_emb), config, tables) if attention == "executorch" else {}
         key_for_type: dict[str | None, str] = {}
         for index, (layer_type, (cos, sin)) in enumerate(tables.items()):
             key = f"rope{index}"

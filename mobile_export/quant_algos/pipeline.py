@@ -21,7 +21,9 @@ the runtime stores (bf16 for XNNPACK's qb4w groups), so GPTQ's error feedback an
 see the weights the device computes with. For Core ML, which compresses after conversion, the
 chosen integers and fp16 scales ride along as coremltools' compression-info buffers
 (:func:`.grid.attach_coreml_quantization`) and the converter stores exactly them; a LM head
-that shares the embedding table is left to the converter, so the table stays shared.
+that shares the embedding table is rounded on the same grid for both, so the table stays shared.
+Core ML ``hqq`` and ``--keep-8bit`` go the same way: torchao's scale-only HQQ (or the group
+maxima) picks each linear's scales here, at the bits the patterns ask for.
 """
 
 from __future__ import annotations
