@@ -160,20 +160,24 @@ def eager_row(name: str, fields: dict, model_path: Path, refs: dict, calib: Path
 
 def _fake_8da4w(model, eight_bit) -> torch.nn.Module:
     """A copy of ``model`` with 8da4w simulated in plain torch (fast enough to try 40 layouts):
-    torchao's symmetric int4 grid (groups of 32, ``max / 7.5``, bf16 scales, -8..7), int8
-    per-channel weights for the linears ``eight_bit(name)`` names, and per-token asymmetric int8
+    the project's torchao grid (:mod:`mobile_export.quant_algos.grid`: int4 groups of 32 with bf16
+    scales, as XNNPACK stores them), int8 per-channel weights for the linears ``eight_bit(name)`` names, and per-token asymmetric int8
     activations into every linear. The LM head is 8-bit and the embedding full precision: the
     question is what each decoder weight costs, not what the tables do."""
     import copy
 
+    from mobile_export.quant_algos.grid import dequantize_grouped, group_scales, quantize_grouped
+
+    def on_grid(w, group: int, bits: int, bf16: bool):
+        scale = group_scales(w, group, bits)
+        scale = scale.to(torch.bfloat16).float() if bf16 else scale
+        return dequantize_grouped(quantize_grouped(w, scale, group, bits), scale, group)
+
     def int4(w):
-        g = w.reshape(w.shape[0], -1, 32)
-        scale = (g.abs().amax(-1, keepdim=True) / 7.5).to(torch.bfloat16).float().clamp(min=1e-9)
-        return ((g / scale).round().clamp(-8, 7) * scale).reshape(w.shape)
+        return on_grid(w, 32, 4, bf16=True)
 
     def int8(w):
-        scale = (w.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-9)
-        return (w / scale).round().clamp(-127, 127) * scale
+        return on_grid(w, w.shape[1], 8, bf16=False)
 
     def activations(_module, args):
         x = args[0]

@@ -576,21 +576,18 @@ class ExportableDecoder(nn.Module):
         hidden = self.embed_tokens(tokens)
         rope = {}
         for key in sorted(set(self._rope_keys)):
-            if key in self._rope_scaling:
-                rope[key] = (*self._rope_rows(key, start_pos, seq), self.rope_rot)
-                continue
-            cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
             if self.attention == "onnx":
                 if self.layers[0].self_attn.rotary_in_op:
                     rope[key] = (getattr(self, f"{key}_cos_half"), getattr(self, f"{key}_sin_half"), None)
                 else:  # positions end at the attention mask's width (past + new tokens)
                     total = self.ctx.attention_mask.shape[1]
+                    cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
                     rope[key] = (cos[total - seq : total], sin[total - seq : total], None)
                 continue
             if self.attention == "portable":  # Core ML converts slices with traced bounds, not narrow
-                cos, sin = cos[start_pos:end_pos], sin[start_pos:end_pos]
+                cos, sin = getattr(self, f"{key}_cos")[start_pos:end_pos], getattr(self, f"{key}_sin")[start_pos:end_pos]
             else:
-                cos, sin = cos.narrow(0, start_pos, seq), sin.narrow(0, start_pos, seq)
+                cos, sin = self._rope_rows(key, start_pos, seq)
             rope[key] = (cos, sin, self.rope_rot)
         for layer, key in zip(self.layers, self._rope_keys, strict=True):
             out = layer(hidden, position_embeddings=rope[key], attention_mask=None, position_ids=None)

@@ -67,6 +67,7 @@ from mobile_export.quantize import (
     QuantReport,
     QuantSpec,
     keep_8bit_matcher,
+    linear_bits,
     quantize_embedding,
     quantize_module,
     select_linears,
@@ -312,8 +313,8 @@ def _round_shared_table(decoder, ctx: AlgoContext) -> None:
     grid (GPTQ for the head would move the embedding rows too) and hand it to the converter like
     the other weights, so the package holds exactly what the verification's module holds."""
     head, embedding = decoder.lm_head, decoder.embed_tokens
-    bits = 8 if ctx.keep is not None and ctx.spec.bits < 8 and ctx.keep("lm_head") else ctx.spec.bits
-    if bits == 8 and ctx.spec.bits < 8:
+    bits = linear_bits(ctx.spec, "lm_head", ctx.keep)
+    if bits != ctx.spec.bits:
         ctx.report.kept_8bit.append("lm_head (shared with the embedding)")
     group = _group(ctx, head, bits)
     w = head.weight.detach().float()
@@ -340,7 +341,11 @@ def _grid_install(ctx: AlgoContext, linear: nn.Linear, bits: int) -> None:
     and attach them for the converter."""
     group = _group(ctx, linear, bits)
     w = linear.weight.detach().float()
-    scale = _grid_scales(ctx, w, group, bits)
+    _install_rounded(ctx, linear, w, _grid_scales(ctx, w, group, bits), group, bits)
+
+
+def _install_rounded(ctx: AlgoContext, linear: nn.Linear, w: torch.Tensor, scale, group: int, bits: int) -> None:
+    """Round ``scale`` as the runtime stores it, put ``w`` on that grid and install it."""
     rounding = _rounding(ctx, group, linear)
     if rounding is not None:
         scale = rounding(scale)
@@ -476,10 +481,7 @@ def _awq_round(stage: Stage, x: torch.Tensor, chosen: dict[str, int], ctx: AlgoC
             scale = group_scales(w, group, bits)
         else:
             scale = awq.search_clip(x, w, group, bits)
-        rounding = _rounding(ctx, group, linear)
-        if rounding is not None:
-            scale = rounding(scale)
-        _install(ctx, linear, quantize_grouped(w, scale, group, bits), scale, group, bits)
+        _install_rounded(ctx, linear, w, scale, group, bits)
 
 
 def _can_fold(stage: Stage) -> bool:
