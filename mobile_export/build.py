@@ -38,7 +38,8 @@ from mobile_export.fidelity import build_eval_reference, read_text
 from mobile_export.memory import release_memory
 from mobile_export.preflight import check_memory, read_config_json
 from mobile_export.quant_algos.calibration import Calibration, load_calibration
-from mobile_export.quant_algos.pipeline import check_algorithm_support, quantize_decoder
+from mobile_export.quant_algos.pipeline import quantize_decoder
+from mobile_export.quant_algos.support import check_algorithm_support
 from mobile_export.quantize import CALIBRATED, QuantReport, QuantSpec
 from mobile_export.recipes import Recipe, load_recipe, recipe_from_model_config, recipe_hash
 from mobile_export.reference import REFERENCE_NAME, build_reference, write_reference
