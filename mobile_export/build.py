@@ -92,6 +92,7 @@ class BuildRequest:
     calib_text: Path | None = None
     rotate: bool | None = None
     keep_8bit: tuple[str, ...] = ()
+    group_size_for: tuple[str, ...] = ()  # "PATTERN=N", as typed
     eval_text: Path | None = None
     no_eval: bool = False
 
@@ -149,7 +150,7 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
     """The recipe's quantization for the target (or the backend's default when the user picked
     another backend than the recipe's), with command-line overrides applied."""
     target = recipe.target(request.target)
-    settings = target.quant if target.backend == backend.name else backend.default_quant
+    settings = target.quant_for(backend.name) or backend.default_quant
     scheme = request.quant if request.quant is not None else settings.scheme
     backend.check(request.target, scheme)
     embedding = request.embedding_quant if request.embedding_quant is not None else settings.embedding
@@ -169,9 +170,26 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
         rotate=request.rotate if request.rotate is not None else bool(settings.rotate),
         keep_8bit=tuple(request.keep_8bit) or tuple(settings.keep_8bit or ()),
         embedding_group_size=embedding_groups if embedding == "int4" else None,
+        group_sizes=parse_group_sizes(request.group_size_for)
+        if request.group_size_for
+        else (tuple((settings.group_sizes or {}).items()) if request.group_size is None else ()),
     )
     check_algorithm_support(backend, spec, request.calib_text)
     return spec
+
+
+def parse_group_sizes(values: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``--group-size-for PATTERN=N`` values as (pattern, N) pairs."""
+    pairs = []
+    for value in values:
+        pattern, _, size = value.rpartition("=")
+        if not pattern or not size.strip().isdigit():
+            raise UserError(
+                f"--group-size-for '{value}' is not PATTERN=N",
+                hint="e.g. --group-size-for 're:layers\\.\\d+\\.mlp\\.(gate|up)_proj=64'",
+            )
+        pairs.append((pattern, int(size)))
+    return tuple(pairs)
 
 
 def context_length(recipe: Recipe, request: BuildRequest) -> int:
@@ -340,9 +358,10 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
     if report.skipped_linears:
         ui.note(f"{len(report.skipped_linears)} linear layers kept in fp32: {report.skipped_linears[0]} ...")
     if report.kept_8bit:
+        cost = f": about {report.extra_bytes_8bit / 1e6:.2f} MB more" if report.extra_bytes_8bit else ""
         ui.note(
             f"{len(report.kept_8bit)} layers kept at 8 bits ({', '.join(report.kept_8bit[:3])}"
-            f"{' ...' if len(report.kept_8bit) > 3 else ''}): about {report.extra_bytes_8bit / 1e6:.2f} MB more"
+            f"{' ...' if len(report.kept_8bit) > 3 else ''}){cost}"
         )
     del source.model
     release_memory()
@@ -433,6 +452,8 @@ def build(request: BuildRequest, ui: StepUI) -> BuildResult:
                 "bits_per_weight": round(artifact_bytes * 8 / parameters, 3),
             }
             quantization.update(algorithm=spec.algo, rotate=spec.rotate)
+            if spec.group_sizes:
+                quantization["group_sizes"] = dict(spec.group_sizes)
             if spec.keep_8bit:
                 quantization["keep_8bit"] = {
                     "patterns": list(spec.keep_8bit),

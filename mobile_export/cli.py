@@ -90,6 +90,13 @@ def main() -> None:
     "layers.{last}.mlp.down_proj, embed_tokens.",
 )
 @click.option(
+    "--group-size-for",
+    multiple=True,
+    metavar="PATTERN=N",
+    help="ONNX: blocks of N (32, 64 or 128) for the layers PATTERN names (repeatable; first match wins), "
+    "e.g. 're:layers\\.\\d+\\.mlp\\.(gate|up)_proj=64'.",
+)
+@click.option(
     "--eval-text",
     type=click.Path(path_type=Path),
     help="Text to measure the artifact's fidelity on (default: the project's fixed_eval.txt; first 512 tokens).",

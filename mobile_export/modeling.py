@@ -390,6 +390,15 @@ class OnnxAttention(CachedAttention):
             self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
             self.q_proj = self.k_proj = self.v_proj = None
 
+    def split_qkv(self) -> None:
+        """Separate q, k and v matmuls again (exact), so each can be quantized on its own grid."""
+        if self.qkv_proj is None:
+            return
+        kv = self.n_kv_heads * self.head_dim
+        sizes = [self.n_heads * self.head_dim, kv, kv]
+        self.q_proj, self.k_proj, self.v_proj = _split_linear(self.qkv_proj, sizes)
+        self.qkv_proj = None
+
     def _rotate_outside(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary embedding before the attention op (rotary widths ONNX Runtime's op cannot take)."""
         q = q.reshape(1, -1, self.n_heads, self.head_dim)
@@ -406,6 +415,8 @@ class OnnxAttention(CachedAttention):
         elif self.qkv_proj is not None:
             sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
             q, k, v = self.qkv_proj(hidden_states).split(sizes, dim=-1)
+        elif self.q_norm is None and self.k_norm is None:  # split for their own quantization
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         else:
             q, k, v = self._project(hidden_states)
             q = q.reshape(1, -1, self.n_heads * self.head_dim)

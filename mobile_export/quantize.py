@@ -56,6 +56,7 @@ class QuantSpec:
     rotate: bool = False
     keep_8bit: tuple[str, ...] = ()
     embedding_group_size: int | None = None  # int4 embedding groups; None: ``group_size``
+    group_sizes: tuple[tuple[str, int], ...] = ()  # (pattern, group size) for the linears it names (onnx)
 
     def __post_init__(self) -> None:
         if self.scheme not in LINEAR_SCHEMES:
@@ -91,12 +92,20 @@ class QuantSpec:
             )
         if self.keep_8bit and self.scheme in UNQUANTIZED:
             raise UserError(f"--keep-8bit has nothing to keep with --quant {self.scheme}", hint="leave it out")
-        for pattern in self.keep_8bit:
+        for pattern, size in self.group_sizes:
+            if size not in GROUP_SIZES:
+                raise UserError(
+                    f"--group-size-for '{pattern}={size}': unsupported group size {size}",
+                    hint="choose one of: " + ", ".join(map(str, GROUP_SIZES)),
+                )
+        if self.group_sizes and self.scheme not in ("8da4w", "int4"):
+            raise UserError(f"--group-size-for has no groups to size with --quant {self.scheme}", hint="leave it out")
+        for pattern in (*self.keep_8bit, *(p for p, _ in self.group_sizes)):
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as exc:
-                    raise UserError(f"--keep-8bit '{pattern}' is not a valid regular expression: {exc}") from exc
+                    raise UserError(f"layer pattern '{pattern}' is not a valid regular expression: {exc}") from exc
 
     @property
     def label(self) -> str:
@@ -107,6 +116,10 @@ class QuantSpec:
             linear += f" {self.algo}"
         if self.rotate:
             linear += " + rotate"
+        if self.group_sizes:
+            sizes = sorted({size for _, size in self.group_sizes})
+            n = len(self.group_sizes)
+            linear += f" ({'/'.join(map(str, sizes))} for {n} pattern{'s' if n > 1 else ''})"
         if self.keep_8bit:
             more = len(self.keep_8bit) - 2
             named = ",".join(self.keep_8bit if more <= 0 else self.keep_8bit[:2])
@@ -227,6 +240,14 @@ def _linear_fits(spec: QuantSpec, module: nn.Linear) -> bool:
 def linear_bits(spec: QuantSpec, name: str, keep: Callable[[str], bool] | None) -> int:
     """Bits for the linear called ``name``: 8 when ``--keep-8bit`` names it, else the scheme's."""
     return 8 if keep is not None and spec.bits < 8 and keep(name) else spec.bits
+
+
+def linear_group(spec: QuantSpec, name: str, n_layers: int) -> int:
+    """Group size of the linear called ``name``: the first ``group_sizes`` pattern naming it, else the scheme's."""
+    for pattern, size in spec.group_sizes:
+        if keep_8bit_matcher((pattern,), n_layers)(name):
+            return size
+    return spec.group_size
 
 
 def extra_bytes_8bit(spec: QuantSpec, linear: nn.Linear) -> int:

@@ -46,6 +46,7 @@ class QuantSettings(_Strict):
     rotate: bool | None = None
     keep_8bit: list[str] | None = None
     embedding_group_size: int | None = None  # int4 embedding groups (default: group_size)
+    group_sizes: dict[str, int] | None = None  # layer pattern -> its own group size (onnx)
 
 
 COMPUTE_UNITS: tuple[str, ...] = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
@@ -59,6 +60,14 @@ class TargetSettings(_Strict):
     compute_units: Literal["all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"] | None = None
     min_ios: str | None = Field(default=None, pattern=r"^\d{2}(\.\d)?$")
     kv_budget_mb: float | None = Field(default=None, gt=0)
+    backend_quant: dict[str, QuantSettings] | None = None  # when --backend picks another backend
+
+    def quant_for(self, backend: str) -> QuantSettings | None:
+        """This target's quantization for ``backend``: ``quant`` for its own backend, else the
+        ``backend_quant`` entry (None: the backend's own default)."""
+        if backend == self.backend:
+            return self.quant
+        return (self.backend_quant or {}).get(backend)
 
 
 class Generation(_Strict):
@@ -104,9 +113,10 @@ class Recipe(_Strict):
         for target, settings in value.items():
             if target not in TARGETS:
                 raise ValueError(f"unknown target '{target}'; expected one of {', '.join(TARGETS)}")
-            if settings.backend not in TARGET_BACKENDS[target]:
-                known = ", ".join(TARGET_BACKENDS[target])
-                raise ValueError(f"backend '{settings.backend}' is not valid for {target}; expected one of {known}")
+            for backend in (settings.backend, *(settings.backend_quant or {})):
+                if backend not in TARGET_BACKENDS[target]:
+                    known = ", ".join(TARGET_BACKENDS[target])
+                    raise ValueError(f"backend '{backend}' is not valid for {target}; expected one of {known}")
         return value
 
     @model_validator(mode="after")

@@ -139,6 +139,52 @@ def test_onnx_bundle(model_dirs, tmp_path, arch, scheme, embedding):
     assert {"int4": 4.5 < bits < 10, "int8": 8 < bits < 13, "fp16": 16 < bits < 22, "fp32": 32 < bits < 38}[scheme], bits
 
 
+V_PROJ = r"re:layers\.\d+\.self_attn\.v_proj"
+GATE_UP = r"re:layers\.\d+\.mlp\.(gate|up)_proj"
+
+
+@pytest.mark.slow
+def test_onnx_layers_take_their_own_bits_and_blocks(model_dirs, tmp_path):
+    """--keep-8bit and --group-size-for on ONNX: every v_proj and the last down_proj are 8-bit
+    MatMulNBits, gate/up use blocks of 64, the rest 4 bits in blocks of 32; q, k and v become three
+    matmuls (GroupQueryAttention's unpacked inputs) and the tied table is still stored once, in the
+    embedding's blocks of 64."""
+    extra = ["--keep-8bit", V_PROJ, "--keep-8bit", "layers.{last}.mlp.down_proj", "--group-size-for", f"{GATE_UP}=64",
+             "--embedding-group-size", "64"]  # fmt: skip
+    result = _build(model_dirs["llama"], tmp_path, "--quant", "int4", *extra)
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "tiny-llama-android-onnx"
+    model, ops = _graph(bundle)
+    nbits = {n.output[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    tables = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    assert len(attention) == 2 and ops["GatherBlockQuantized"] == 1 and ops["Reshape"] == 1  # the shared table's
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    for node in attention:
+        q, k, v = (nbits[name] for name in node.input[:3])  # three projections, each quantized
+        assert [_attrs(m)["bits"] for m in (q, k, v)] == [4, 4, 8]
+        assert {_attrs(m)["block_size"] for m in (q, k, v)} == {32}
+    by_shape = collections.defaultdict(list)
+    for node in nbits.values():
+        attrs = _attrs(node)
+        by_shape[(attrs["K"], attrs["N"])].append((attrs["bits"], attrs["block_size"]))
+    assert sorted(by_shape[(64, 128)]) == [(4, 64)] * 4  # gate and up, both layers
+    assert sorted(by_shape[(128, 64)]) == [(4, 32), (8, 32)]  # down_proj: layer 0, then the last
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in nbits.values() if _attrs(n)["N"] > 128)  # the vocabulary-wide head
+    assert _attrs(lookup)["block_size"] == _attrs(head)["block_size"] == 64 and _attrs(head)["bits"] == 4
+    manifest = read_manifest(bundle)
+    quantization = manifest.quantization
+    assert quantization["keep_8bit"]["layers"] == [
+        "layers.0.self_attn.v_proj", "layers.1.self_attn.v_proj", "layers.1.mlp.down_proj"
+    ]  # fmt: skip
+    assert quantization["group_sizes"] == {GATE_UP: 64}
+    assert quantization["qkv_split_layers"] == [0, 1]
+    assert quantization["nodes"] == {"4-bit b32": 7, "4-bit b64": 5, "8-bit b32": 3}  # q, k, o x2, down 0; gate/up, lm_head
+    assert manifest.artifact["tied_embedding_shared"] is True
+    assert all(c["passed"] for c in manifest.verification["comparisons"] if c["enforced"])
+
+
 @pytest.fixture(scope="module")
 def llama_int4(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx-llama")
@@ -221,6 +267,11 @@ def test_wrong_fused_attention_fails_verification(model_dirs, tmp_path, monkeypa
         (["--embedding-quant", "int8"], "backend 'onnx' cannot store embeddings as int8"),
         (["--quant-algo", "gptq", "--calib-text", "README.md"], "--quant-algo gptq is not available for backend onnx"),
         (["--compute-units", "all"], "backend 'onnx' takes no --compute-units"),
+        (["--group-size-for", "layers.0.mlp"], "--group-size-for 'layers.0.mlp' is not PATTERN=N"),
+        (["--group-size-for", "layers.0.*=48"], "unsupported group size 48"),
+        (["--group-size-for", "decoder.*=64"], "--group-size-for 'decoder.*' matches no layer"),
+        (["--keep-8bit", "embed_tokens"], "backend 'onnx' cannot keep embed_tokens at 8 bits"),
+        (["--embedding-group-size", "48"], "backend 'onnx' cannot use --embedding-group-size 48"),
     ],
 )
 def test_onnx_bad_input(tmp_path, extra, message):
@@ -237,3 +288,6 @@ def test_onnx_options_on_other_backends(tmp_path):
     result = CliRunner().invoke(main, ["build", "demo", "-t", "android", "--opset", "18", "-o", str(tmp_path)])
     assert result.exit_code != 0
     assert "backend 'xnnpack' takes no --opset" in result.output and "only the onnx backend" in result.output
+    result = CliRunner().invoke(main, ["build", "demo", "-t", "android", "--group-size-for", "lm_head=64"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].startswith("error: --group-size-for is not available for backend xnnpack")

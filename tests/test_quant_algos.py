@@ -235,7 +235,8 @@ def _cli(args: list[str]) -> tuple[int, str]:
         (["--target", "ios", "--quant", "palettize4", "--quant-algo", "hqq"], "hqq is not available for coreml palettize4"),
         (["--target", "ios", "--quant", "fp16", "--keep-8bit", "lm_head"], "--keep-8bit has nothing to keep"),
         (["--target", "ios", "--quant", "palettize6", "--keep-8bit", "lm_head"], "not available for coreml palettize6"),
-        (["--backend", "onnx", "--keep-8bit", "lm_head"], "--keep-8bit is not available for backend onnx"),
+        (["--keep-8bit", "lm_head", "--group-size-for", "lm_head=64"], "--group-size-for is not available for backend xnnpack"),
+        (["--backend", "onnx", "--quant", "int8", "--group-size-for", "lm_head=64"], "no groups to size with --quant int8"),
     ],
 )
 def test_cli_refuses_before_loading(tmp_path, args, message):
@@ -402,5 +403,6 @@ def test_recipe_embedding_groups_apply_until_the_command_line_changes_the_embedd
     assert groups(embedding_group_size=128) == 128
     assert groups(group_size=64) is None  # the user's --group-size then sets the table's groups too
     assert groups(embedding_quant="int8") is None
-    with pytest.raises(UserError, match="--embedding-group-size is not available for backend onnx"):
-        quant_spec(recipe, BuildRequest(recipe=None, target="android", embedding_group_size=64), get_backend("onnx"))
+    # onnx: the blocks of its (shared) 4-bit table
+    onnx = quant_spec(recipe, BuildRequest(recipe=None, target="android", embedding_group_size=64), get_backend("onnx"))
+    assert onnx.embedding == "int4" and onnx.embedding_group_size == 64

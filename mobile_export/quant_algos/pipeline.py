@@ -59,7 +59,7 @@ from mobile_export.quant_algos.rotation import (
     rotate_head,
     rotate_layer,
 )
-from mobile_export.quant_algos.support import TORCH_GRID_BACKENDS, check_keep_patterns
+from mobile_export.quant_algos.support import TORCH_GRID_BACKENDS, check_keep_patterns, linear_names
 from mobile_export.quantize import (
     CALIBRATED,
     QuantReport,
@@ -134,6 +134,8 @@ def quantize_decoder(
         and spec.algo not in CALIBRATED
         and (spec.algo == "hqq" or bool(spec.keep_8bit))
     )
+    if keep is not None and not backend.quantizes_in_torch and not ctx.torch_grid:  # the converter keeps them
+        report.kept_8bit = [n for n in linear_names(decoder) if n != "embed_tokens" and keep(n)]
     if torch_quant and spec.dynamic_activation and spec.uses_groups:
         ctx.round_scale = _bf16_scale
     elif not backend.quantizes_in_torch:

@@ -16,6 +16,7 @@ import torch
 
 from mobile_export.errors import UserError
 from mobile_export.memory import drop_weights, release_memory
+from mobile_export.quantize import keep_8bit_matcher
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
 from mobile_export.targets import Backend, BackendOptions, ExportInfo, Verification, VerifyContext, onnx_graph, register
@@ -23,6 +24,24 @@ from mobile_export.targets.genai_config import genai_config
 from mobile_export.verify import FIXED_PROMPTS, FP32_THRESHOLDS, compare, standard_comparisons, stepped_logits
 
 GENAI_CHECK_TOKENS = 8
+POWER_OF_TWO_BLOCKS: tuple[int, ...] = (16, 32, 64, 128, 256)  # MatMulNBits/GatherBlockQuantized block sizes
+
+
+def split_mixed_projections(model, spec) -> list[int]:
+    """Un-fuse the q/k/v matmul of every layer whose q, k and v take different bits or blocks
+    (``--keep-8bit``, ``--group-size-for``): ``GroupQueryAttention`` then reads three inputs.
+    Returns the indices of the layers split."""
+    n_layers = len(model.layers)
+    split = []
+    for index, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        if getattr(attn, "qkv_proj", None) is None:
+            continue
+        names = onnx_graph.layer_parts(f"layers.{index}.self_attn.qkv_proj")
+        if len({onnx_graph.layer_quant(spec, name, n_layers) for name in names}) > 1:
+            attn.split_qkv()
+            split.append(index)
+    return split
 
 
 @register
@@ -60,6 +79,17 @@ class OnnxBackend(Backend):
             )
         if options.min_onnxruntime is not None:
             onnx_graph.check_min_onnxruntime(options.min_onnxruntime, self.expected_ops(spec))
+        if spec.keep_8bit and keep_8bit_matcher(spec.keep_8bit, 1)("embed_tokens"):
+            raise UserError(
+                "backend 'onnx' cannot keep embed_tokens at 8 bits: ONNX Runtime's quantizer writes 4-bit "
+                "embedding tables only",
+                hint="leave embed_tokens out of --keep-8bit (a tied embedding shares the LM head's table)",
+            )
+        if spec.embedding_group_size is not None and spec.embedding_group_size not in POWER_OF_TWO_BLOCKS:
+            raise UserError(
+                f"backend 'onnx' cannot use --embedding-group-size {spec.embedding_group_size}",
+                hint="ONNX Runtime's blocks are powers of two: " + ", ".join(map(str, POWER_OF_TWO_BLOCKS)),
+            )
         return options
 
     def expected_ops(self, spec) -> list[str]:
@@ -98,6 +128,7 @@ class OnnxBackend(Backend):
 
         spec, options = info.spec, info.options
         report = onnx_graph.GraphReport(opset=options.opset)
+        split = split_mixed_projections(model, spec)
         tied = onnx_graph.untie_for_export(model)
         softcap = any(layer.self_attn.softcap for layer in model.layers)
         attn = model.layers[0].self_attn
@@ -134,7 +165,7 @@ class OnnxBackend(Backend):
         proto = onnx.load(str(fp32_dir / self.artifact_file))
         self._fp32_graph = scratch if spec.is_quantized else None
         ui.update(f"quantizing ({spec.label}) with ONNX Runtime's MatMulNBitsQuantizer")
-        proto = onnx_graph.quantize(proto, spec, report, tied)
+        proto = onnx_graph.quantize(proto, spec, report, tied, n_layers)
         report.op_counts = onnx_graph.op_counts(proto.graph)
         needed = onnx_graph.ops_needing_versions(report.op_counts, softcap)
         if options.min_onnxruntime is not None:
@@ -164,6 +195,8 @@ class OnnxBackend(Backend):
             "quantization": {
                 "quantizer": "onnxruntime MatMulNBitsQuantizer",
                 "accuracy_level": onnx_graph.ACCURACY_LEVEL,
+                "nodes": report.node_plan,
+                **({"qkv_split_layers": split} if split else {}),
             }
             if spec.scheme in ("int4", "int8") or spec.embedding != "none"
             else {},

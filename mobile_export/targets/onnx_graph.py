@@ -51,6 +51,7 @@ class GraphReport:
     fusions: dict[str, int] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)
     tied_embedding_shared: bool = False
+    node_plan: dict[str, int] = field(default_factory=dict)  # "4-bit b32": nodes quantized so
 
 
 def kv_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -195,35 +196,82 @@ def untie_for_export(decoder) -> bool:
     return True
 
 
-def quantize(proto, spec, report: GraphReport, tied: bool) -> object:
+def quantize(proto, spec, report: GraphReport, tied: bool, n_layers: int) -> object:
     """Quantize MatMul (and embedding Gather) weights with ONNX Runtime's ``MatMulNBitsQuantizer``.
 
-    ``spec`` is a QuantSpec: ``int4`` (blocks of ``group_size``) or ``int8`` linears, ``fp16``
-    weight storage, or ``fp32``; embeddings by ``spec.embedding``.
+    ``spec`` is a QuantSpec: ``int4`` (blocks of ``group_size``, or of the ``group_sizes`` pattern
+    naming a layer) or ``int8`` linears, the ``--keep-8bit`` layers at 8 bits, ``fp16`` weight
+    storage, or ``fp32``; embeddings by ``spec.embedding``. A LM head that shares the embedding
+    table takes the embedding's blocks (``embedding_group_size``), since one table serves both.
     """
     _unfuse_weight_matmuls(proto)
     gather, head = _tied_table(proto.graph) if tied else (None, None)
+    share = tied and gather is not None and spec.scheme == spec.embedding == "int4"
     if spec.scheme in ("int4", "int8"):
-        bits = 4 if spec.scheme == "int4" else 8
-        algo = getattr(spec, "algo", "rtn")
-        proto = _matmul_nbits(proto, bits=bits, block=spec.group_size, ops=("MatMul",), hqq=algo == "hqq")
+        plan = node_plan(proto.graph, spec, n_layers, head.name if share and head is not None else None)
+        report.node_plan = {f"{bits}-bit b{block}": len(names) for (bits, block), names in sorted(plan.items())}
+        hqq = getattr(spec, "algo", "rtn") == "hqq"
+        for (bits, block), names in sorted(plan.items()):
+            proto = _matmul_nbits(proto, bits=bits, block=block, ops=("MatMul",), hqq=hqq, only=names)
     else:
         if gather is not None:
             _retie_head(proto, gather, head)
         if spec.scheme == "fp16":
             _fp16_weights(proto)
     if spec.embedding == "int4":  # ONNX Runtime's quantizer writes 4-bit tables only
-        bits = 4
-        shared = (
-            tied
-            and gather is not None
-            and spec.scheme == spec.embedding
-            and _share_tied_embedding(proto, gather, head, spec.group_size)
-        )
+        shared = share and _share_tied_embedding(proto, gather, head, spec.embedding_groups)
         report.tied_embedding_shared = bool(shared)
         if not shared:
-            proto = _matmul_nbits(proto, bits=bits, block=spec.group_size, ops=("Gather",))
+            proto = _matmul_nbits(proto, bits=4, block=spec.embedding_groups, ops=("Gather",))
     return proto
+
+
+def module_name(node) -> str | None:
+    """The decoder module a node came from (``layers.3.mlp.down_proj``, ``lm_head``), read from the
+    name scopes torch.onnx records on every node; None for nodes of no module."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            if len(scopes) >= 2:
+                return scopes[-2].removeprefix("decoder.")
+    return None
+
+
+def layer_parts(name: str) -> list[str]:
+    """The projections one module computes: a fused ``qkv_proj`` is its q, k and v."""
+    if name.endswith(".qkv_proj"):
+        return [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    return [name]
+
+
+def layer_quant(spec, name: str, n_layers: int) -> tuple[int, int]:
+    """(bits, block size) of one linear: 8 bits where ``--keep-8bit`` names it, the block size of
+    the ``group_sizes`` pattern naming it, else the scheme's."""
+    from mobile_export.quantize import keep_8bit_matcher, linear_bits, linear_group
+
+    keep = keep_8bit_matcher(spec.keep_8bit, n_layers) if spec.keep_8bit else None
+    return linear_bits(spec, name, keep), linear_group(spec, name, n_layers)
+
+
+def node_plan(graph, spec, n_layers: int, shared_head: str | None) -> dict[tuple[int, int], list[str]]:
+    """MatMul node names with weights to quantize, by (bits, block size); ``shared_head`` (the LM
+    head's node when the embedding will read its blocks) takes the embedding's block size."""
+    inits = {t.name for t in graph.initializer}
+    plan: dict[tuple[int, int], list[str]] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = module_name(node) or ""
+        choices = {layer_quant(spec, part, n_layers) for part in layer_parts(name)}
+        if len(choices) > 1:  # the backend splits such projections before export
+            raise RuntimeError(f"{name} fuses projections quantized differently: {sorted(choices)}")
+        bits, block = choices.pop()
+        if node.name == shared_head:
+            block = spec.embedding_groups
+        plan.setdefault((bits, block), []).append(node.name)
+    return plan
 
 
 def _retie_head(proto, gather, head) -> None:
@@ -271,9 +319,10 @@ def _unfuse_weight_matmuls(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
-def _matmul_nbits(proto, bits: int, block: int, ops: tuple[str, ...], hqq: bool = False):
+def _matmul_nbits(proto, bits: int, block: int, ops: tuple[str, ...], hqq: bool = False, only=None):
     """ONNX Runtime's quantizer: round-to-nearest symmetric blocks, or HQQ (asymmetric blocks with
-    fp zero points chosen by half-quadratic optimisation, arXiv:2309.15531; MatMul only)."""
+    fp zero points chosen by half-quadratic optimisation, arXiv:2309.15531; MatMul only).
+    ``only``: the node names to quantize in this pass (the others of ``ops`` are left as they are)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -295,7 +344,8 @@ def _matmul_nbits(proto, bits: int, block: int, ops: tuple[str, ...], hqq: bool 
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+        kept = [n.name for n in proto.graph.node if n.op_type in ops and n.name not in only] if only else []
+        quantizer = MatMulNBitsQuantizer(proto, algo_config=config, nodes_to_exclude=kept)
         quantizer.process()
     finally:
         quiet.setLevel(level)
