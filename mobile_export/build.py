@@ -161,18 +161,20 @@ def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
         embedding_groups = settings.embedding_group_size
     else:  # the user changed the embedding or the groups: the recipe's embedding groups no longer apply
         embedding_groups = None
+    # the recipe's algorithm, 8-bit layers and groups were chosen for its scheme: another --quant drops them
+    own_scheme = scheme == settings.scheme
     spec = QuantSpec(
         scheme=scheme,
         group_size=group_size,
         embedding=embedding,
         weight_only=backend.weight_only,
-        algo=request.quant_algo if request.quant_algo is not None else (settings.algo or "rtn"),
-        rotate=request.rotate if request.rotate is not None else bool(settings.rotate),
-        keep_8bit=tuple(request.keep_8bit) or tuple(settings.keep_8bit or ()),
+        algo=request.quant_algo if request.quant_algo is not None else ((own_scheme and settings.algo) or "rtn"),
+        rotate=request.rotate if request.rotate is not None else bool(own_scheme and settings.rotate),
+        keep_8bit=tuple(request.keep_8bit) or (tuple(settings.keep_8bit or ()) if own_scheme else ()),
         embedding_group_size=embedding_groups if embedding == "int4" else None,
         group_sizes=parse_group_sizes(request.group_size_for)
         if request.group_size_for
-        else (tuple((settings.group_sizes or {}).items()) if request.group_size is None else ()),
+        else (tuple((settings.group_sizes or {}).items()) if own_scheme and request.group_size is None else ()),
     )
     check_algorithm_support(backend, spec, request.calib_text)
     return spec

@@ -406,3 +406,23 @@ def test_recipe_embedding_groups_apply_until_the_command_line_changes_the_embedd
     # onnx: the blocks of its (shared) 4-bit table
     onnx = quant_spec(recipe, BuildRequest(recipe=None, target="android", embedding_group_size=64), get_backend("onnx"))
     assert onnx.embedding == "int4" and onnx.embedding_group_size == 64
+
+
+def test_recipe_tuning_holds_for_its_own_scheme_only():
+    """A recipe's algorithm, 8-bit layers and per-layer groups were chosen for its scheme: another
+    --quant builds without them instead of failing (fp32 has nothing to keep) or mislabelling."""
+    from mobile_export.build import BuildRequest, quant_spec, resolve_recipe
+
+    def spec(backend: str, **request) -> QuantSpec:
+        req = BuildRequest(recipe="smollm2-135m", target="android", backend=backend, **request)
+        return quant_spec(resolve_recipe(req), req, get_backend(backend))
+
+    default = spec("xnnpack")
+    assert default.algo == "hqq" and default.keep_8bit
+    fp32 = spec("xnnpack", quant="fp32")
+    assert fp32.algo == "rtn" and not fp32.keep_8bit
+    onnx = spec("onnx")  # the recipe's backend_quant entry for onnx
+    assert onnx.keep_8bit and dict(onnx.group_sizes) == {r"re:layers\.\d+\.mlp\.(gate|up)_proj": 64}
+    int8 = spec("onnx", quant="int8")
+    assert not int8.keep_8bit and not int8.group_sizes
+    assert spec("onnx", group_size=64).group_sizes == ()  # --group-size sets every layer's blocks
