@@ -185,6 +185,21 @@ def test_onnx_layers_take_their_own_bits_and_blocks(model_dirs, tmp_path):
     assert all(c["passed"] for c in manifest.verification["comparisons"] if c["enforced"])
 
 
+@pytest.mark.slow
+def test_onnx_softcapped_head_kept_at_8_bits_shares_its_table(model_dirs, tmp_path):
+    """Gemma 2's LM head comes out of onnxscript's fusions without a module name (a FusedMatMul
+    unfused again); it is still found, by its vocabulary width, for --keep-8bit lm_head, and the
+    tied embedding then reads its 8-bit blocks."""
+    result = _build(model_dirs["gemma2"], tmp_path, "--keep-8bit", "lm_head")
+    assert result.exit_code == 0, result.output
+    model, _ = _graph(tmp_path / "tiny-gemma2-android-onnx")
+    nbits = [_attrs(n) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    lookup = next(_attrs(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = [a for a in nbits if a["N"] == 1024]  # the vocabulary
+    assert len(head) == 1 and head[0]["bits"] == 8 and lookup["bits"] == 8
+    assert {a["bits"] for a in nbits if a["N"] != 1024} == {4}
+
+
 @pytest.fixture(scope="module")
 def llama_int4(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx-llama")

@@ -239,6 +239,16 @@ def module_name(node) -> str | None:
     return None
 
 
+def _logits_width(graph) -> int | None:
+    """The vocabulary width of the ``logits`` output, when the graph states it."""
+    for output in graph.output:
+        if output.name == "logits":
+            dims = output.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return int(dims[-1].dim_value)
+    return None
+
+
 def layer_parts(name: str) -> list[str]:
     """The projections one module computes: a fused ``qkv_proj`` is its q, k and v."""
     if name.endswith(".qkv_proj"):
@@ -258,12 +268,15 @@ def layer_quant(spec, name: str, n_layers: int) -> tuple[int, int]:
 def node_plan(graph, spec, n_layers: int, shared_head: str | None) -> dict[tuple[int, int], list[str]]:
     """MatMul node names with weights to quantize, by (bits, block size); ``shared_head`` (the LM
     head's node when the embedding will read its blocks) takes the embedding's block size."""
-    inits = {t.name for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
+    vocab = _logits_width(graph)
     plan: dict[tuple[int, int], list[str]] = {}
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        name = module_name(node) or ""
+        # onnxscript's fused nodes carry no module name; the LM head is known by its width
+        head = vocab is not None and list(inits[node.input[1]].dims)[-1:] == [vocab]
+        name = module_name(node) or ("lm_head" if head else "")
         choices = {layer_quant(spec, part, n_layers) for part in layer_parts(name)}
         if len(choices) > 1:  # the backend splits such projections before export
             raise RuntimeError(f"{name} fuses projections quantized differently: {sorted(choices)}")
@@ -313,7 +326,9 @@ def _unfuse_weight_matmuls(proto) -> None:
         product = f"{node.output[0]}_unscaled"
         alpha = f"{node.output[0]}_alpha"
         proto.graph.initializer.append(numpy_helper.from_array(np.array(attrs.get("alpha", 1.0), np.float32), alpha))
-        nodes.append(helper.make_node("MatMul", list(node.input[:2]), [product], name=f"{node.name}_matmul"))
+        matmul = helper.make_node("MatMul", list(node.input[:2]), [product], name=f"{node.name}_matmul")
+        matmul.metadata_props.extend(node.metadata_props)  # keeps the module name for per-layer rules
+        nodes.append(matmul)
         nodes.append(helper.make_node("Mul", [product, alpha], list(node.output), name=f"{node.name}_alpha"))
     proto.graph.ClearField("node")
     proto.graph.node.extend(nodes)
