@@ -395,3 +395,17 @@ def test_mutated_reference_files_verify(tiny_quantized_build, data):
         assert result.exit_code in (0, 2, 3), result.output[-2000:]
     finally:
         sandbox.close()
+
+
+def test_result_line_without_warmup_reports_the_schema_default(tmp_path):
+    """Found by test_mutated_result_lines: ``scenario.warmup`` is optional in the record schema
+    (default 0), so a line without it is reported, not a KeyError."""
+    records = [bench_record(rep, 10.0 + rep) for rep in (1, 2)]
+    del records[0]["scenario"]["warmup"]
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["report", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 0, result.output
+    assert "0 warm-up" in "".join(p.read_text() for p in (tmp_path / "out").rglob("*.md"))

@@ -251,7 +251,7 @@ def scenario_label(scenario: dict) -> str:
     """What a scenario measures, in words."""
     return (
         f"prompt {scenario['prompt_tokens']} tokens, generate {scenario['new_tokens']}, "
-        f"{scenario['warmup']} warm-up, {scenario['repetitions']} repetitions, timeout {scenario['timeout_s']:g}s"
+        f"{scenario.get('warmup', 0)} warm-up, {scenario['repetitions']} repetitions, timeout {scenario['timeout_s']:g}s"
     )
 
 
