@@ -237,6 +237,14 @@ def _linear_fits(spec: QuantSpec, module: nn.Linear) -> bool:
     return not spec.uses_groups or module.in_features % spec.group_size == 0
 
 
+def projection_parts(name: str) -> list[str]:
+    """The projections one linear computes, as layer patterns name them: a fused ``qkv_proj``
+    (one matmul for GroupQueryAttention's packed input) is its q, k and v projections."""
+    if name.endswith("qkv_proj"):
+        return [name.replace("qkv_proj", part) for part in ("q_proj", "k_proj", "v_proj")]
+    return [name]
+
+
 def linear_bits(spec: QuantSpec, name: str, keep: Callable[[str], bool] | None) -> int:
     """Bits for the linear called ``name``: 8 when ``--keep-8bit`` names it, else the scheme's."""
     return 8 if keep is not None and spec.bits < 8 and keep(name) else spec.bits

@@ -7,7 +7,14 @@ from __future__ import annotations
 from torch import nn
 
 from mobile_export.errors import UserError
-from mobile_export.quantize import ALGORITHMS, CALIBRATED, LINEAR_NAME_EXAMPLES, QuantSpec, keep_8bit_matcher
+from mobile_export.quantize import (
+    ALGORITHMS,
+    CALIBRATED,
+    LINEAR_NAME_EXAMPLES,
+    QuantSpec,
+    keep_8bit_matcher,
+    projection_parts,
+)
 
 BACKEND_ALGOS: dict[str, tuple[str, ...]] = {
     "xnnpack": ALGORITHMS,
@@ -76,12 +83,8 @@ def linear_names(decoder) -> list[str]:
     for i, layer in enumerate(decoder.layers):
         for n, m in layer.named_modules():
             if isinstance(m, nn.Linear):
-                parts = [n.replace("qkv_proj", p) for p in QKV_PARTS] if n.endswith("qkv_proj") else [n]
-                names += [f"layers.{i}.{part}" for part in parts]
+                names += [f"layers.{i}.{part}" for part in projection_parts(n)]
     return [*names, "lm_head", "embed_tokens"]
-
-
-QKV_PARTS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
 
 def check_keep_patterns(decoder, spec: QuantSpec) -> None:

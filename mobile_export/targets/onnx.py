@@ -2,8 +2,9 @@
 
 The bundle is a folder ONNX Runtime GenAI's ``og.Model(folder)`` loads unchanged on Android,
 iOS and the host: ``model.onnx`` + ``model.onnx.data``, ``genai_config.json`` and the tokenizer.
-See :mod:`mobile_export.targets.onnx_graph` for the graph steps and
-:mod:`mobile_export.ort_attention` for the attention op.
+See :mod:`mobile_export.targets.onnx_graph` for export and fusions,
+:mod:`mobile_export.targets.onnx_quant` for quantization and :mod:`mobile_export.ort_attention`
+for the attention op.
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ import torch
 
 from mobile_export.errors import UserError
 from mobile_export.memory import drop_weights, release_memory
-from mobile_export.quantize import keep_8bit_matcher
+from mobile_export.quantize import keep_8bit_matcher, projection_parts
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
-from mobile_export.targets import Backend, BackendOptions, ExportInfo, Verification, VerifyContext, onnx_graph, register
+from mobile_export.targets import (
+    Backend,
+    BackendOptions,
+    ExportInfo,
+    Verification,
+    VerifyContext,
+    onnx_graph,
+    onnx_quant,
+    register,
+)
 from mobile_export.targets.genai_config import genai_config
 from mobile_export.verify import FIXED_PROMPTS, FP32_THRESHOLDS, compare, standard_comparisons, stepped_logits
 
@@ -37,8 +47,8 @@ def split_mixed_projections(model, spec) -> list[int]:
         attn = layer.self_attn
         if getattr(attn, "qkv_proj", None) is None:
             continue
-        names = onnx_graph.layer_parts(f"layers.{index}.self_attn.qkv_proj")
-        if len({onnx_graph.layer_quant(spec, name, n_layers) for name in names}) > 1:
+        names = projection_parts(f"layers.{index}.self_attn.qkv_proj")
+        if len({onnx_quant.layer_quant(spec, name, n_layers) for name in names}) > 1:
             attn.split_qkv()
             split.append(index)
     return split
@@ -129,7 +139,7 @@ class OnnxBackend(Backend):
         spec, options = info.spec, info.options
         report = onnx_graph.GraphReport(opset=options.opset)
         split = split_mixed_projections(model, spec)
-        tied = onnx_graph.untie_for_export(model)
+        tied = onnx_quant.untie_for_export(model)
         softcap = any(layer.self_attn.softcap for layer in model.layers)
         attn = model.layers[0].self_attn
         rotary_in_op = attn.rotary_in_op
@@ -165,7 +175,7 @@ class OnnxBackend(Backend):
         proto = onnx.load(str(fp32_dir / self.artifact_file))
         self._fp32_graph = scratch if spec.is_quantized else None
         ui.update(f"quantizing ({spec.label}) with ONNX Runtime's MatMulNBitsQuantizer")
-        proto = onnx_graph.quantize(proto, spec, report, tied, n_layers)
+        proto = onnx_quant.quantize(proto, spec, report, tied, n_layers)
         report.op_counts = onnx_graph.op_counts(proto.graph)
         needed = onnx_graph.ops_needing_versions(report.op_counts, softcap)
         if options.min_onnxruntime is not None:
@@ -194,7 +204,7 @@ class OnnxBackend(Backend):
             "tied_embedding_shared": report.tied_embedding_shared,
             "quantization": {
                 "quantizer": "onnxruntime MatMulNBitsQuantizer",
-                "accuracy_level": onnx_graph.ACCURACY_LEVEL,
+                "accuracy_level": onnx_quant.ACCURACY_LEVEL,
                 "nodes": report.node_plan,
                 **({"qkv_split_layers": split} if split else {}),
             }
