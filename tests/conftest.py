@@ -1,5 +1,6 @@
 """Shared test setup: tests import helpers from this folder (tiny_models, trained_model)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,22 +8,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
+# The test files that take longest, started first so the parallel workers finish together
+# (longest processing time first): pytest-xdist (``--dist loadfile --no-loadscope-reorder``) hands
+# each file to one worker, in collection order, so a module- or session-scoped build is made once.
+LONGEST_FILES = (
+    "test_real_model.py",
+    "test_quant_algos_e2e.py",
+    "test_real_broken_lowering.py",
+    "test_real_model_onnx.py",
+    "test_gguf_build.py",
+    "test_fidelity_e2e.py",
+)
 
-@pytest.fixture(scope="session")
-def trained_model() -> Path:
-    """Folder of the trained tiny Llama, shipped in tests/fixtures/models (read-only)."""
-    from trained_model import trained_model_dir
 
-    return trained_model_dir()
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker gets an equal share of the cores for torch and for the
+    build processes it starts, so two workers on two cores do not fight over four threads."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir():
-    """``tiny_model_dir(arch)``: the briefly trained tiny folder of ``arch``, named ``tiny-<arch>``,
-    shipped in tests/fixtures/models and shared by the build tests (read-only)."""
-    from trained_model import tiny_model_dir
-
-    return tiny_model_dir
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the longest files first (a stable sort: each file's own order is kept)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 TINY_RECIPE = {
@@ -90,3 +104,19 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
     from real_model import smollm2_dir
 
     return smollm2_dir(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_builds(smollm2_dir, tmp_path_factory):
+    """``real_builds(kind)``: the manifest and bundle folder of the default build of ``kind``
+    (xnnpack: android; onnx: android --backend onnx; coreml: ios), built once per session."""
+    from real_model import build_default
+
+    made: dict[str, tuple[dict, Path]] = {}
+
+    def get(kind: str) -> tuple[dict, Path]:
+        if kind not in made:
+            made[kind] = build_default(smollm2_dir, tmp_path_factory.mktemp(f"real-{kind}"), kind)
+        return made[kind]
+
+    return get

@@ -92,3 +92,56 @@ def smollm2_dir(gguf: Path) -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return folder
+
+
+PARIS_PROMPT = "The capital of France is"
+# The default build of each backend on the real model: (target, extra CLI arguments).
+DEFAULT_BUILDS = {"xnnpack": ("android", ()), "onnx": ("android", ("--backend", "onnx")), "coreml": ("ios", ())}
+
+
+def build_default(model_dir: Path, out: Path, kind: str) -> tuple[dict, Path]:
+    """Build the default ``kind`` bundle of SmolLM2 through the CLI: (manifest, bundle folder)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mobile_export.cli import main
+
+    target, extra = DEFAULT_BUILDS[kind]
+    args = ["build", "smollm2-135m", "--model-path", str(model_dir), "--target", target, "-o", str(out), *extra]
+    result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    bundle = next(p for p in out.iterdir() if p.is_dir())
+    return json.loads((bundle / "manifest.json").read_text()), bundle
+
+
+def assert_passes_its_own_checks(manifest: dict, kind: str) -> None:
+    """A default build passed every enforced comparison, and its fidelity is within the quality
+    limits (Core ML: skipped, saying why, where its fidelity could not be measured)."""
+    import pytest
+
+    from mobile_export.verify import QUALITY_LIMITS
+
+    assert manifest["model"]["weights"] == "local"
+    comparisons = manifest["verification"]["comparisons"]
+    assert comparisons and all(c["passed"] for c in comparisons if c["enforced"])
+    if kind == "coreml" and manifest["fidelity"]["status"] != "ok":
+        pytest.skip(f"Core ML fidelity not measured here: {manifest['fidelity'].get('reason')}")
+    fidelity = manifest["fidelity"]
+    assert fidelity["status"] == "ok" and fidelity["tokens"] >= 500
+    assert fidelity["perplexity_ratio"] <= QUALITY_LIMITS.max_perplexity_ratio
+    assert fidelity["kl_mean"] <= QUALITY_LIMITS.max_kl_mean
+    assert fidelity["top1_agreement"] >= QUALITY_LIMITS.min_top1
+    quality = next(c for c in comparisons if c["name"].startswith("quantization cost (on "))
+    assert quality["enforced"] and quality["passed"]
+
+
+def assert_answers_paris(bundle: Path) -> None:
+    """``run`` on the bundle completes the capital of France."""
+    from click.testing import CliRunner
+
+    from mobile_export.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(bundle), "--prompt", PARIS_PROMPT, "-n", "6"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output.split(PARIS_PROMPT, 1)[1]
