@@ -13,12 +13,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mobile_export.errors import UserError
 from mobile_export.preflight import read_config_json
 from mobile_export.quantize import QuantSpec
 from mobile_export.recipes import Recipe, TargetSettings, load_recipe, recipe_from_model_config
 from mobile_export.sources import SourceOptions
+
+if TYPE_CHECKING:
+    from mobile_export.targets import Backend, BackendOptions
 
 
 @dataclass
@@ -70,9 +74,9 @@ class BuildPlan:
     target: str
     settings: TargetSettings  # the recipe's settings for ``target``
     backend_name: str
-    backend: object = field(repr=False, compare=False)  # targets.Backend
+    backend: Backend = field(repr=False, compare=False)
     spec: QuantSpec
-    options: object  # targets.BackendOptions, checked by the backend
+    options: BackendOptions  # checked and completed by the backend
     context_length: int
     kv_bytes: int | None
     source: SourceOptions
@@ -172,7 +176,7 @@ def resolve_plan(request: BuildRequest, recipe: Recipe) -> BuildPlan:
     )
 
 
-def quant_spec(recipe: Recipe, request: BuildRequest, backend) -> QuantSpec:
+def quant_spec(recipe: Recipe, request: BuildRequest, backend: Backend) -> QuantSpec:
     """The recipe's quantization for the target (or the backend's default when the user picked
     another backend than the recipe's), with command-line overrides applied."""
     from mobile_export.quant_algos.support import check_algorithm_support
@@ -247,7 +251,7 @@ def kv_cache_bytes(config: dict, max_seq_len: int, bytes_per_value: int) -> int 
     return 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * max_seq_len * bytes_per_value
 
 
-def check_kv_budget(recipe: Recipe, request: BuildRequest, max_seq_len: int, backend) -> int | None:
+def check_kv_budget(recipe: Recipe, request: BuildRequest, max_seq_len: int, backend: Backend) -> int | None:
     """The KV cache's size in bytes, refused when above the budget (command line, else recipe)."""
     import torch
 
@@ -262,7 +266,7 @@ def check_kv_budget(recipe: Recipe, request: BuildRequest, max_seq_len: int, bac
     return size
 
 
-def backend_options(recipe: Recipe, request: BuildRequest, backend):
+def backend_options(recipe: Recipe, request: BuildRequest, backend: Backend) -> BackendOptions:
     """Compute units and deployment target: command line first, then the recipe's target (whose
     values are for its own backend, so they are dropped when another backend takes no options)."""
     from mobile_export.targets import BackendOptions
