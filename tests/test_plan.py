@@ -83,3 +83,48 @@ def test_backends_keep_no_state_between_export_and_verify(name):
             for target in targets:
                 is_self = isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == "self"
                 assert not is_self, f"{name}.{method.__name__} sets self.{target.attr}"
+
+
+def test_stages_hand_the_artifact_from_export_to_verify_and_into_the_manifest(tmp_path):
+    """The fixed stages with a stand-in backend: verify() gets exactly what export() returned, and
+    the manifest's artifact, quantization, min_os and verification sections come from it."""
+    from mobile_export.build import build_plan
+    from mobile_export.console import StepUI
+    from mobile_export.targets import Verification
+    from mobile_export.targets.onnx import OnnxBackend
+
+    seen = {}
+
+    class StandIn(OnnxBackend):  # onnx attention: no ExecuTorch custom ops to load
+        def export(self, model, info, out_dir, ui):
+            (out_dir / "model.onnx").write_bytes(b"not a graph")
+            facts = {"file": "model.onnx", "format": "stand-in", "quantization": {"q": 1}, "min_os": {"android": "8"}}
+            return ExportedArtifact.from_facts(facts, scratch=_Scratch())
+
+        def verify(self, artifact, folder, ctx, decoder):
+            seen["artifact"], seen["scratch"] = artifact, artifact.verify_inputs["scratch"]
+            seen["written"] = artifact.path(folder).read_bytes()
+            seen["tokenizer_saved"] = (folder / "tokenizer.json").is_file()
+            return Verification(details={"stand_in": True})
+
+    plan = plan_for(
+        backend="onnx",
+        quant="fp32",
+        embedding_quant="none",
+        context_length=64,
+        random_weights=True,
+        no_eval=True,
+        output_dir=tmp_path,
+    )
+    plan = dataclasses.replace(plan, backend=StandIn())
+    result = build_plan(plan, StepUI(quiet=True))
+    assert seen["written"] == b"not a graph" and seen["tokenizer_saved"]
+    assert seen["scratch"].cleaned and seen["artifact"].verify_inputs == {}  # released after verify
+    manifest = result.manifest
+    assert manifest.artifact == {"file": "model.onnx", "format": "stand-in"}
+    assert manifest.quantization["q"] == 1 and manifest.quantization["scheme"] == "fp32"
+    assert manifest.min_os == {"android": "8"} and manifest.verification["stand_in"] is True
+    assert manifest.fidelity == {"status": "skipped", "reason": "not evaluated (--no-eval)"}
+    assert manifest.context_length == plan.context_length and manifest.kv_cache_bytes == plan.kv_bytes
+    assert "model.onnx" not in manifest.tokenizer.files and "tokenizer.json" in manifest.tokenizer.files
+    assert result.bundle == tmp_path / "demo-android-onnx" and result.zip_path.is_file()

@@ -91,9 +91,9 @@ def resolve_bundles(plan: Plan, ui=None) -> list[BenchBundle]:
 def _built_bundle(spec: BundleRecipe, build_dir: Path, ui) -> BenchBundle:
     """Build the recipe into ``build_dir`` unless a matching bundle is already there; the build
     plan is resolved (and checked) once, as ``mobile-export build`` does, before either."""
-    from mobile_export.build import BuildRequest, build_plan
+    from mobile_export.build import build_plan
     from mobile_export.console import StepUI
-    from mobile_export.plan import resolve_plan
+    from mobile_export.plan import BuildRequest, resolve_plan
     from mobile_export.recipes import load_recipe
 
     recipe = load_recipe(spec.recipe)
