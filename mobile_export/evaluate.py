@@ -70,7 +70,7 @@ class ReferenceSource:
 def reference_source(bundle: Path, manifest: Manifest, model_path: Path | None, recipe: str | None) -> ReferenceSource:
     """The original model of ``bundle``: ``--model-path``, ``--recipe``, else the manifest's local folder
     (or, for random-weight builds, the recipe's random weights with the build's seed)."""
-    from mobile_export.build import BuildRequest, resolve_recipe
+    from mobile_export.plan import BuildRequest, resolve_recipe
     from mobile_export.recipes import load_recipe
     from mobile_export.sources import SourceOptions
 

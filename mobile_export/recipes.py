@@ -185,7 +185,34 @@ def load_recipe_file(path: Path) -> Recipe:
         raise UserError(f"{path}: {describe_validation_error(exc)}", hint="fix the recipe file") from exc
     if path.parent == recipes_dir() and recipe.name != path.stem:
         raise UserError(f"{path}: key 'name': '{recipe.name}' differs from the file name '{path.stem}'")
+    check_schemes(recipe, path)
     return recipe
+
+
+def check_schemes(recipe: Recipe, path: Path) -> None:
+    """Refuse a quantization scheme its backend cannot do, naming the file, the key and the choices
+    (the backend registry says what each backend can do)."""
+    from mobile_export.quantize import LINEAR_SCHEMES
+    from mobile_export.targets import get_backend
+
+    for target, settings in recipe.targets.items():
+        entries = [(settings.backend, settings.quant, f"targets.{target}.quant.scheme")]
+        entries += [
+            (b, q, f"targets.{target}.backend_quant.{b}.scheme") for b, q in (settings.backend_quant or {}).items()
+        ]
+        for backend_name, quant, key in entries:
+            schemes = get_backend(backend_name).schemes
+            if quant.scheme in schemes:
+                continue
+            problem = (
+                f"unknown quantization scheme '{quant.scheme}'"
+                if quant.scheme not in LINEAR_SCHEMES
+                else f"backend '{backend_name}' cannot do quantization '{quant.scheme}'"
+            )
+            raise UserError(
+                f"{path}: key '{key}': {problem}",
+                hint=f"fix the recipe file: backend '{backend_name}' can do " + ", ".join(schemes),
+            )
 
 
 def load_recipe(name_or_path: str) -> Recipe:

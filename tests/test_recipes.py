@@ -166,6 +166,24 @@ def test_backend_not_valid_for_target(tmp_path):
     assert "xnnpack" in message
 
 
+def test_scheme_the_backend_cannot_do_is_refused_on_load(tmp_path):
+    data = recipe_data("demo")
+    data["targets"]["android"]["quant"]["scheme"] = "palettize4"  # a Core ML scheme
+    path = write_recipe(tmp_path / "scheme.yaml", data)
+    message = load_error(path)
+    assert str(path) in message and "key 'targets.android.quant.scheme'" in message
+    assert "backend 'xnnpack' cannot do quantization 'palettize4'" in message
+    assert "fix the recipe file" in message and "fp32, 8da4w, int8" in message
+
+
+def test_unknown_scheme_in_backend_quant_is_refused_on_load(tmp_path):
+    data = recipe_data("demo")
+    data["targets"]["android"]["backend_quant"] = {"onnx": {"scheme": "3bit"}}
+    message = load_error(write_recipe(tmp_path / "bq.yaml", data))
+    assert "key 'targets.android.backend_quant.onnx.scheme'" in message
+    assert "unknown quantization scheme '3bit'" in message and "fp32, fp16, int4, int8" in message
+
+
 @pytest.mark.parametrize("revision", ["main", "12fd25f", "12FD25F77366FA6B3B4B768EC3050BF629380BAC", None])
 def test_hub_recipe_needs_a_commit_sha(tmp_path, revision):
     data = recipe_data("smollm2-135m")

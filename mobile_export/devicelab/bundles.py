@@ -89,27 +89,14 @@ def resolve_bundles(plan: Plan, ui=None) -> list[BenchBundle]:
 
 
 def _built_bundle(spec: BundleRecipe, build_dir: Path, ui) -> BenchBundle:
-    """Build the recipe into ``build_dir`` unless a matching bundle is already there."""
-    from mobile_export.build import BuildRequest, build
-    from mobile_export.bundle import bundle_name
+    """Build the recipe into ``build_dir`` unless a matching bundle is already there; the build
+    plan is resolved (and checked) once, as ``mobile-export build`` does, before either."""
+    from mobile_export.build import build_plan
     from mobile_export.console import StepUI
+    from mobile_export.plan import BuildRequest, resolve_plan
     from mobile_export.recipes import load_recipe
-    from mobile_export.targets import get_backend
 
     recipe = load_recipe(spec.recipe)
-    settings = recipe.target(spec.target)
-    backend = spec.backend or settings.backend
-    folder = build_dir / bundle_name(recipe.name, spec.target, backend, settings.backend)
-    if folder.exists():
-        existing = open_bench_bundle(folder, spec.name)
-        mismatch = _mismatch(existing.manifest, spec, recipe)
-        if mismatch:
-            raise UserError(
-                f"{folder} exists but was built with {mismatch}",
-                hint="delete it, or set the plan's build_dir to another folder",
-            )
-        return existing
-    get_backend(backend)  # unknown backends fail here, before a long build
     request = BuildRequest(
         recipe=spec.recipe,
         target=spec.target,
@@ -122,7 +109,18 @@ def _built_bundle(spec: BundleRecipe, build_dir: Path, ui) -> BenchBundle:
         seed=spec.seed,
         output_dir=build_dir,
     )
-    result = build(request, ui or StepUI(quiet=True))
+    plan = resolve_plan(request, recipe)  # unknown backends, bad schemes fail here, before a long build
+    folder = plan.bundle_dir
+    if folder.exists():
+        existing = open_bench_bundle(folder, spec.name)
+        mismatch = _mismatch(existing.manifest, spec, recipe)
+        if mismatch:
+            raise UserError(
+                f"{folder} exists but was built with {mismatch}",
+                hint="delete it, or set the plan's build_dir to another folder",
+            )
+        return existing
+    result = build_plan(plan, ui or StepUI(quiet=True))
     return open_bench_bundle(result.bundle, spec.name)
 
 

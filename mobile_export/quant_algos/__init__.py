@@ -12,7 +12,7 @@ round-to-nearest (the same qd8-qb4w program, the same bytes):
 - :mod:`.rotation`: QuaRot/SpinQuant-style orthogonal rotations folded into the weights
   (arXiv:2404.00456, arXiv:2405.16406).
 - :mod:`.calibration`: calibration text to token windows; running one decoder layer at a time.
-- :mod:`.pipeline`: the layer-by-layer driver ``build.convert`` calls.
+- :mod:`.pipeline`: the layer-by-layer driver ``stages.convert`` calls.
 - :mod:`.sensitivity`: per-layer-group KL divergence added by quantization (which layers to
   keep at 8 bits).
 """

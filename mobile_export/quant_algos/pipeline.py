@@ -1,4 +1,4 @@
-"""The layer-by-layer quantization driver ``build.convert`` calls.
+"""The layer-by-layer quantization driver ``stages.convert`` calls.
 
 One pass over the decoder, one layer in memory at full precision at a time:
 

@@ -28,7 +28,7 @@ _BACKEND_MODULES = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackendOptions:
     """Per-build settings a backend may use (from the recipe's target, overridden on the command line)."""
 
@@ -65,6 +65,57 @@ class ExportInfo:
     eos_ids: list[int]
     spec: object  # QuantSpec
     options: BackendOptions = field(default_factory=BackendOptions)
+
+
+@dataclass
+class ExportedArtifact:
+    """What a backend's :meth:`Backend.export` wrote, handed as is to its :meth:`Backend.verify`.
+
+    ``manifest`` is the manifest's ``artifact`` section (``file`` and ``format`` first, then the
+    backend's own facts); ``files`` every top-level bundle entry the artifact consists of;
+    ``quantization`` and ``min_os`` go to those manifest sections; ``verify_inputs`` carries
+    what verification needs from the export (an exported program, a scratch fp32 graph), and is
+    emptied by :meth:`release`. Nothing is kept on the backend object between the two calls.
+    """
+
+    file: str
+    format: str
+    manifest: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    compiled: str | None = None
+    quantization: dict = field(default_factory=dict)
+    min_os: dict = field(default_factory=dict)
+    verify_inputs: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_facts(cls, facts: dict, **verify_inputs) -> ExportedArtifact:
+        """An artifact from the facts a backend reports (``file``, ``format``, optional ``files``,
+        ``compiled``, ``quantization``, ``min_os``; every other key is a manifest fact)."""
+        facts = dict(facts)
+        quantization = facts.pop("quantization", {})
+        min_os = facts.pop("min_os", {})
+        return cls(
+            file=facts["file"],
+            format=facts["format"],
+            manifest=facts,
+            files=list(facts.get("files") or [facts["file"]]),
+            compiled=facts.get("compiled"),
+            quantization=quantization,
+            min_os=min_os,
+            verify_inputs=verify_inputs,
+        )
+
+    def path(self, folder: Path) -> Path:
+        """The artifact's main file (or package folder) inside ``folder``."""
+        return folder / self.file
+
+    def release(self) -> None:
+        """Drop what verification needed (exported programs, scratch folders)."""
+        for value in self.verify_inputs.values():
+            cleanup = getattr(value, "cleanup", None)
+            if callable(cleanup):
+                cleanup()
+        self.verify_inputs.clear()
 
 
 @dataclass
@@ -140,8 +191,9 @@ class Backend(ABC):
         return inputs, outputs, states
 
     @abstractmethod
-    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
-        """Check the written artifact; ``decoder`` is the eager model when ``keeps_model``, else None."""
+    def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
+        """Check ``artifact``, written into ``folder``; ``decoder`` is the eager model when
+        ``keeps_model``, else None."""
 
     def check(self, target: str, scheme: str) -> None:
         """Refuse a target or scheme this backend cannot do, listing what it can."""
@@ -164,8 +216,8 @@ class Backend(ABC):
             )
 
     @abstractmethod
-    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
-        """Write the artifact into ``out_dir``; return facts for the manifest."""
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
+        """Write the artifact into ``out_dir``; return what was written, for verify and the manifest."""
 
     @abstractmethod
     def open(self, artifact: Path):

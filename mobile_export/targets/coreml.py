@@ -40,6 +40,7 @@ from mobile_export.targets import (
     COREML_OPTIONS,
     Backend,
     BackendOptions,
+    ExportedArtifact,
     ExportInfo,
     Verification,
     VerifyContext,
@@ -223,7 +224,7 @@ class CoreMLBackend(Backend):
                 states.append(TensorSpec(name=state_name(index, kind), dtype="float16", shape=shape))
         return inputs, outputs, states
 
-    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Trace, convert to an fp16 ML program with states, compress, add metadata, save."""
         ct = import_coremltools()
         import numpy as np
@@ -295,7 +296,7 @@ class CoreMLBackend(Backend):
             ui.update("xcrun coremlcompiler compile")
             compiled = compile_mlmodelc(path, out_dir).name
         embedding = embedding_storage(info.spec, tied)
-        return {
+        facts = {
             "compiled": compiled,
             "quantization": {"embedding": f"{embedding} (shared with the LM head)" if tied else embedding},
             "file": self.artifact_file,
@@ -311,6 +312,7 @@ class CoreMLBackend(Backend):
             "metadata": metadata,
             "min_os": {"ios": info.options.deployment_target},
         }
+        return ExportedArtifact.from_facts(facts)
 
     @staticmethod
     def _metadata(info: ExportInfo) -> dict[str, str]:
@@ -333,7 +335,7 @@ class CoreMLBackend(Backend):
 
         return CoreMLDecoder(artifact)
 
-    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+    def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Read the package back and check it; run its weights in PyTorch; predict on macOS.
 
         1. I/O and states of the saved spec equal the manifest's (names, dtypes, shapes, ranges).
@@ -348,12 +350,13 @@ class CoreMLBackend(Backend):
         result = Verification()
         ui = ctx.ui
         ui.update("reading the package back")
-        package = read_package(artifact)
+        package_dir = artifact.path(folder)
+        package = read_package(package_dir)
         expected = self.tensor_specs(decoder, int(decoder.lm_head.out_features))
         result.failures += check_io(package, *expected)
         summary, problems = check_compression(package, ctx.spec, tied_embedding(decoder))
         result.failures += problems
-        weights = artifact / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+        weights = package_dir / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
         result.details["coreml_package"] = {
             "io_matches_manifest": not result.failures,
             "compression": summary,
@@ -393,7 +396,7 @@ class CoreMLBackend(Backend):
         release_memory()
         if platform.system() == "Darwin":
             ui.update("MLModel.predict with state")
-            runtime = self.open(artifact)
+            runtime = self.open(package_dir)
             on_device = stepped_logits(runtime.step, ctx.sequences)
             result.comparisons += standard_comparisons(on_device, ctx, "Core ML predict")
             result.details["coreml_predict"] = "ran on macOS"

@@ -26,6 +26,7 @@ from mobile_export.targets import (
     COREML_OPTIONS,
     Backend,
     BackendOptions,
+    ExportedArtifact,
     ExportInfo,
     Verification,
     VerifyContext,
@@ -61,7 +62,7 @@ class CoreMLExecuTorchBackend(Backend):
             )
         return CoreMLBackend().check_options(options, spec)
 
-    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Export with a dynamic token count, lower to Core ML, write ``model.pte``."""
         ct = import_coremltools()
         from executorch.backends.apple.coreml.compiler import CoreMLBackend as EtCoreML
@@ -83,7 +84,6 @@ class CoreMLExecuTorchBackend(Backend):
             program = torch.export.export(
                 model, example_inputs(max_seq_len), dynamic_shapes=({1: seq}, None), strict=False
             )
-        self.exported = program  # the exact program lowered; verify() runs it eagerly
         units = (info.options.compute_units or DEFAULT_COMPUTE_UNITS).upper()
         specs = EtCoreML.generate_compile_specs(
             minimum_deployment_target=ct.target.iOS26 if info.options.deployment_target == "26" else ct.target.iOS18,
@@ -107,8 +107,8 @@ class CoreMLExecuTorchBackend(Backend):
                 if n.op == "call_function" and n not in delegates and "getitem" not in str(n.target)
             }
         )
-        self.lowered_facts = {"delegates": len(delegates), "ops_outside_core_ml": outside}
-        self.compressed = _compressed_linears(edge)
+        lowered_facts = {"delegates": len(delegates), "ops_outside_core_ml": outside}
+        compressed = _compressed_linears(edge)
         ui.update("serializing")
         with quiet_coremltools():
             executorch_program = edge.to_executorch()
@@ -119,7 +119,7 @@ class CoreMLExecuTorchBackend(Backend):
             executorch_program.write_to_file(handle)
         del executorch_program
         release_memory()
-        return {
+        facts = {
             "file": self.artifact_file,
             "format": self.artifact_format,
             "delegate": "CoreMLBackend",
@@ -130,6 +130,10 @@ class CoreMLExecuTorchBackend(Backend):
             "core_ml_partitions": len(delegates),
             "min_os": {"ios": info.options.deployment_target},
         }
+        # verify() runs the exact program lowered eagerly, and checks the lowering's facts
+        return ExportedArtifact.from_facts(
+            facts, exported=program, lowered_facts=lowered_facts, compressed_linears=compressed
+        )
 
     def open(self, artifact: Path):
         raise UserError(
@@ -137,20 +141,21 @@ class CoreMLExecuTorchBackend(Backend):
             hint="run it with ExecuTorch's iOS runtime, or build with --backend xnnpack to run it here",
         )
 
-    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+    def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Program structure, compressed weights, and the exported program run eagerly."""
         result = Verification()
-        facts = dict(self.lowered_facts)
+        facts = dict(artifact.verify_inputs["lowered_facts"])
+        compressed = artifact.verify_inputs["compressed_linears"]
         if facts["delegates"] < 1:
             result.failures.append("nothing was delegated to Core ML")
         if facts["ops_outside_core_ml"]:
             result.notes.append("ops left to ExecuTorch's CPU kernels: " + ", ".join(facts["ops_outside_core_ml"]))
-        facts["compressed_linears"] = self.compressed
-        if ctx.spec.is_quantized and self.compressed == 0:
+        facts["compressed_linears"] = compressed
+        if ctx.spec.is_quantized and compressed == 0:
             result.failures.append(f"no linear weight in the delegated program is quantized ({ctx.spec.label} asked)")
         result.details["coreml_executorch"] = facts
         ctx.ui.update("eager run of the exported program")
-        module = self.exported.module()
+        module = artifact.verify_inputs["exported"].module()
         _reset_buffers(module)
 
         def step(tokens: list[int], start_pos: int) -> torch.Tensor:
@@ -161,11 +166,11 @@ class CoreMLExecuTorchBackend(Backend):
         got = stepped_logits(step, ctx.sequences)
         result.comparisons += standard_comparisons(got, ctx, "exported program, eager,")
         result.notes.append(
-            f"Core ML delegate: {facts['delegates']} partition(s), {self.compressed} quantized linears; "
+            f"Core ML delegate: {facts['delegates']} partition(s), {compressed} quantized linears; "
             "the .pte itself needs iOS/macOS to run (skipped here)"
         )
         result.details["coreml_predict"] = "skipped: ExecuTorch's Core ML delegate runs only on iOS/macOS"
-        del self.exported
+        artifact.release()
         release_memory()
         return result
 

@@ -9,6 +9,7 @@ for the attention op.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
 from mobile_export.targets import (
     Backend,
     BackendOptions,
+    ExportedArtifact,
     ExportInfo,
     Verification,
     VerifyContext,
@@ -75,7 +77,7 @@ class OnnxBackend(Backend):
         """Opset (18 or newer) and the oldest ONNX Runtime the folder must load in."""
         super().check_options(options, spec)
         if options.opset is None:
-            options.opset = onnx_graph.DEFAULT_OPSET
+            options = dataclasses.replace(options, opset=onnx_graph.DEFAULT_OPSET)
         if options.opset < onnx_graph.DEFAULT_OPSET:
             raise UserError(
                 f"opset {options.opset} is too old for the ONNX export",
@@ -130,7 +132,7 @@ class OnnxBackend(Backend):
         ]
         return inputs, outputs, []
 
-    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Export, fuse, quantize and write the GenAI folder's model and config."""
         import onnx
         import onnx_ir
@@ -173,7 +175,7 @@ class OnnxBackend(Backend):
         release_memory()
         ui.update("loading the fp32 graph")
         proto = onnx.load(str(fp32_dir / self.artifact_file))
-        self._fp32_graph = scratch if spec.is_quantized else None
+        fp32_graph = scratch if spec.is_quantized else None
         ui.update(f"quantizing ({spec.label}) with ONNX Runtime's MatMulNBitsQuantizer")
         proto = onnx_quant.quantize(proto, spec, report, tied, n_layers)
         report.op_counts = onnx_graph.op_counts(proto.graph)
@@ -183,14 +185,14 @@ class OnnxBackend(Backend):
         ui.update("writing model.onnx")
         _write_folder(proto, config, out_dir)
         del proto
-        if self._fp32_graph is None:
+        if fp32_graph is None:
             scratch.cleanup()
         release_memory()
         fused = {
             op: n for op, n in report.op_counts.items() if op.startswith("com.microsoft.") or "Normalization" in op
         }
         missing = _missing_fusions(report.op_counts, n_layers, rotary_in_op)
-        return {
+        facts = {
             "file": self.artifact_file,
             "files": [self.artifact_file, onnx_graph.EXTERNAL_DATA, "genai_config.json"],
             "format": self.artifact_format,
@@ -211,14 +213,17 @@ class OnnxBackend(Backend):
             if spec.scheme in ("int4", "int8") or spec.embedding != "none"
             else {},
         }
+        # verify() checks the fp32 graph before quantization exactly, then removes it
+        return ExportedArtifact.from_facts(facts, **({"fp32_graph": fp32_graph} if fp32_graph is not None else {}))
 
     def open(self, artifact: Path) -> OnnxDecoder:
         return OnnxDecoder(artifact)
 
-    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+    def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Step the model in ONNX Runtime; check the fp32 graph exactly; generate with ONNX Runtime GenAI."""
         result = Verification()
-        scratch, self._fp32_graph = getattr(self, "_fp32_graph", None), None
+        scratch = artifact.verify_inputs.pop("fp32_graph", None)
+        model_file = artifact.path(folder)
         if scratch is not None:
             ctx.ui.update("fp32 graph before quantization")
             runtime = OnnxDecoder(Path(scratch.name) / "model.onnx")
@@ -228,7 +233,7 @@ class OnnxBackend(Backend):
             result.comparisons.append(compare("graph parity (fp32 ONNX before quantization vs original)", got,
                                               ctx.reference, _fp32_thresholds(ctx)))  # fmt: skip
         ctx.ui.update("ONNX Runtime session")
-        runtime = self.open(artifact)
+        runtime = self.open(model_file)
         got = stepped_logits(runtime.step, ctx.sequences)
         result.comparisons += standard_comparisons(got, ctx)
         prompt = list(ctx.tokenizer(FIXED_PROMPTS[0])["input_ids"])
@@ -238,7 +243,7 @@ class OnnxBackend(Backend):
         del runtime
         release_memory()
         ctx.ui.update("ONNX Runtime GenAI")
-        tokens, timings = genai_generate(artifact.parent, prompt, len(host))
+        tokens, timings = genai_generate(folder, prompt, len(host))
         status = (
             f"ok, same {len(host)} greedy tokens"
             if tokens == host

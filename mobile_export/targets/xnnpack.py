@@ -19,7 +19,7 @@ from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchDecoder
-from mobile_export.targets import Backend, ExportInfo, Verification, VerifyContext, register
+from mobile_export.targets import Backend, ExportedArtifact, ExportInfo, Verification, VerifyContext, register
 from mobile_export.verify import FIXED_PROMPTS, standard_comparisons, stepped_logits
 
 
@@ -139,7 +139,7 @@ class XnnpackBackend(Backend):
     artifact_format = "executorch-pte"
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
 
-    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> dict:
+    def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Export, lower and write ``model.pte``; the model's weights are released on the way."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -184,29 +184,32 @@ class XnnpackBackend(Backend):
             executorch_program.write_to_file(handle)
         del executorch_program
         gc.collect()
-        return {
-            "file": self.artifact_file,
-            "format": self.artifact_format,
-            "methods": ["forward", *sorted(metadata)],
-            "metadata": metadata,
-            "xnnpack_partitions": delegates,
-        }
+        return ExportedArtifact.from_facts(
+            {
+                "file": self.artifact_file,
+                "format": self.artifact_format,
+                "methods": ["forward", *sorted(metadata)],
+                "metadata": metadata,
+                "xnnpack_partitions": delegates,
+            }
+        )
 
     def open(self, artifact: Path) -> ExecuTorchDecoder:
         return ExecuTorchDecoder(artifact)
 
-    def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
+    def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Step the .pte in ExecuTorch's host runtime, then generate with its C++ LLM runner."""
         from mobile_export.memory import release_memory
 
-        runtime = self.open(artifact)
+        pte = artifact.path(folder)
+        runtime = self.open(pte)
         got = stepped_logits(runtime.step, ctx.sequences)
         result = Verification(comparisons=standard_comparisons(got, ctx))
         host_tokens = host_greedy_tokens(runtime, ctx.tokenizer, ctx.eos_ids)
         del runtime  # one loaded copy of the program at a time
         release_memory()
         ctx.ui.update("ExecuTorch's LLM runner")
-        runner = check_runner(artifact, artifact.parent / "tokenizer.json", ctx.tokenizer, ctx.eos_ids, host_tokens)
+        runner = check_runner(pte, folder / "tokenizer.json", ctx.tokenizer, ctx.eos_ids, host_tokens)
         result.details["llm_runner"] = runner
         result.notes.append(f"ExecuTorch LLM runner: {runner['status']}")
         if runner["status"].startswith("FAILED"):
