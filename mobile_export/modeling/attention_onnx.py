@@ -21,7 +21,13 @@ class OnnxAttention(DecoderAttention):
     """
 
     def __init__(
-        self, hf_attn: nn.Module, spec: AttentionSpec, max_seq_len: int, ctx: StepContext, index: int, rotary_in_op: bool
+        self,
+        hf_attn: nn.Module,
+        spec: AttentionSpec,
+        max_seq_len: int,
+        ctx: StepContext,
+        index: int,
+        rotary_in_op: bool,
     ):
         super().__init__(hf_attn, spec, max_seq_len, ctx)
         self.index = index
