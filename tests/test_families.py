@@ -58,6 +58,8 @@ def test_records_are_frozen():
     args = get_family("phi3").tiny_config_arguments()
     args["rope_scaling"]["type"] = "changed"
     assert get_family("phi3").tiny_config["rope_scaling"]["type"] == "longrope"
+    with pytest.raises(ValueError, match="everywhere"):
+        ModelFamily(model_type="x", genai_type=None, tiny_config={}, sliding_window="everywhere")
 
 
 def test_a_model_type_registered_twice_is_refused(monkeypatch):

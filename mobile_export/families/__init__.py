@@ -21,6 +21,7 @@ import copy
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 from types import MappingProxyType
 
@@ -30,7 +31,7 @@ from mobile_export.errors import UserError
 FAMILY_MODULES: tuple[str, ...] = ("llama", "qwen", "phi3", "gemma")
 
 
-class Window:
+class Window(StrEnum):
     """Where a family's sliding window applies."""
 
     NONE = "none"  # the wrapper attends to every earlier position
@@ -52,13 +53,12 @@ class ModelFamily:
     rope_by_layer_type: bool = False  # each ``config.layer_types`` entry has its own rope (Gemma 3)
     attention_softcap: bool = False  # ``config.attn_logit_softcapping`` applies (when set)
     final_softcap: bool = False  # ``config.final_logit_softcapping`` applies (when set)
-    sliding_window: str = Window.NONE  # see :class:`Window`
+    sliding_window: Window = Window.NONE  # see :class:`Window`
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size), inside the embedding module
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if self.sliding_window not in (Window.NONE, Window.LAYER_TYPES):
-            raise ValueError(f"{self.model_type}: unknown sliding_window rule {self.sliding_window!r}")
+        object.__setattr__(self, "sliding_window", Window(self.sliding_window))  # ValueError when unknown
         object.__setattr__(self, "tiny_config", MappingProxyType(dict(self.tiny_config)))
 
     def tiny_config_arguments(self) -> dict:
