@@ -80,12 +80,12 @@ def _transformers_gguf_architectures() -> list[str]:
 
 def supported_architectures() -> list[str]:
     """GGUF architectures transformers can load and this tool can export, sorted."""
-    from mobile_export.modeling import SUPPORTED_MODEL_TYPES
+    from mobile_export.families import model_types
 
     return sorted(
         arch
         for arch in _transformers_gguf_architectures()
-        if MODEL_TYPE_OF_ARCH.get(arch, arch) in SUPPORTED_MODEL_TYPES
+        if MODEL_TYPE_OF_ARCH.get(arch, arch) in model_types()
     )
 
 

@@ -7,26 +7,24 @@ the ExecuTorch program need not store the tables.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 
 def rope_tables(
-    rotary_cls: type, config, max_seq_len: int, head_dim: int
+    rotary_cls: type, config, max_seq_len: int, head_dim: int, by_layer_type: bool = False
 ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
     """cos/sin tables [max_seq_len, 1, head_dim] per layer type, from transformers' own rotary module.
 
     A fresh fp32 rotary module is built from the config, so every rope variant transformers
     knows (llama3, linear, yarn, longrope, per-layer-type Gemma 3 ropes) comes out exactly as the
-    original model computes it. Dims past the rotary width get cos 1 and sin 0.
+    original model computes it. Dims past the rotary width get cos 1 and sin 0. With
+    ``by_layer_type`` (the family's record says so: Gemma 3) each ``config.layer_types`` entry
+    gets its own table, else the model has one (keyed None).
     """
     with torch.device("cpu"):
         rotary = rotary_cls(config).float()
     positions = torch.arange(max_seq_len, dtype=torch.long)[None, :]
     probe = torch.zeros(1, dtype=torch.float32)
-    layer_types = getattr(config, "layer_types", None)
-    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
 
     def padded(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = cos[0].float(), sin[0].float()
@@ -38,8 +36,8 @@ def rope_tables(
 
     tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        if takes_layer_type and layer_types:
-            for layer_type in sorted(set(layer_types)):
+        if by_layer_type:
+            for layer_type in sorted(set(config.layer_types)):
                 tables[layer_type] = padded(*rotary(probe, positions, layer_type))
         else:
             tables[None] = padded(*rotary(probe, positions))

@@ -267,9 +267,9 @@ def load_source(recipe: Recipe, options: SourceOptions) -> Source:
     else:
         config = config_from_recipe(recipe)
 
-    from mobile_export.modeling import check_supported
+    from mobile_export.families import family_of
 
-    check_supported(config)
+    family_of(config)  # refuses an unregistered model type, naming the registered ones
     parameters = count_parameters(config)
     dtype = load_dtype(parameters)
     notes = []

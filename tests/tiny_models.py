@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from mobile_export.families import get_family
 from mobile_export.sources import DEMO_TOKENIZER_DIR
 
 VOCAB = 1024
@@ -21,70 +22,10 @@ _COMMON = dict(
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
-    """A small config of ``arch`` exercising that family's features (GQA, biases, rope variants...)."""
-    common = dict(_COMMON)
-    if arch == "llama":  # GQA, tied embeddings, llama3 rope scaling
-        cfg = transformers.LlamaConfig(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-        )
-    elif arch == "mistral":
-        cfg = transformers.MistralConfig(**common, num_attention_heads=4, num_key_value_heads=1, sliding_window=None)
-    elif arch == "qwen2":  # q/k/v bias, untied head
-        cfg = transformers.Qwen2Config(
-            **common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False
-        )
-    elif arch == "qwen3":  # per-head q/k RMSNorm, explicit head_dim
-        cfg = transformers.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    elif arch == "phi3":  # fused qkv and gate_up projections, partial rotary, longrope
-        cfg = transformers.Phi3Config(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            partial_rotary_factor=0.5,
-            original_max_position_embeddings=128,
-            rope_scaling={
-                "type": "longrope",
-                "short_factor": [1.0, 1.1, 1.2, 1.3],
-                "long_factor": [2.0, 2.1, 2.2, 2.3],
-            },
-            pad_token_id=0,
-        )
-    elif arch == "gemma":  # (1 + w) RMSNorm, scaled embeddings, gelu-tanh MLP
-        cfg = transformers.GemmaConfig(**common, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
-    elif arch == "gemma2":  # attention and final logit soft-capping, sliding window, sandwich norms
-        cfg = transformers.Gemma2Config(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=16,
-            query_pre_attn_scalar=16,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-        )
-    elif arch == "gemma3_text":  # local/global layers with their own rope, q/k norm, window < context
-        cfg = transformers.Gemma3TextConfig(
-            **{**common, "num_hidden_layers": 3},
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=16,
-            sliding_window_pattern=2,
-            query_pre_attn_scalar=16,
-            rope_local_base_freq=10000.0,
-        )
-    else:
-        raise ValueError(arch)
+    """A small config of ``arch`` exercising that family's features (GQA, biases, rope variants...):
+    its family record's tiny config (:mod:`mobile_export.families`) over the shared sizes."""
+    family = get_family(arch)
+    cfg = transformers.AutoConfig.for_model(arch, **{**_COMMON, **family.tiny_config_arguments()})
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.bos_token_id, cfg.eos_token_id = 0, 1

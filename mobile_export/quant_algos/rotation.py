@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from mobile_export.errors import UserError
+from mobile_export.families import all_families
 
-# Model types whose decoder layers are plain pre-norm blocks (norm -> linears -> residual add).
-ROTATABLE: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# Model types whose decoder layers are plain pre-norm blocks (norm -> linears -> residual add),
+# as their family records say (mobile_export.families: no sandwich norms).
+ROTATABLE: tuple[str, ...] = tuple(family.model_type for family in all_families() if family.rotatable)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def make_rotation(hidden: int, head_dim: int, seed: int = 0) -> Rotation:
 
 def _norm_weight(norm: nn.Module, what: str) -> torch.Tensor:
     """Effective multiplier of an RMSNorm already swapped for ``ExportRMSNorm``."""
-    from mobile_export.modeling import ExportRMSNorm
+    from mobile_export.modeling.norms import ExportRMSNorm
 
     if not isinstance(norm, ExportRMSNorm):
         raise UserError(

@@ -8,19 +8,24 @@ updates one preallocated cache of ``context_length`` in place, so decode never c
 
 from __future__ import annotations
 
+from mobile_export.errors import UserError
+from mobile_export.families import all_families, get_family
 from mobile_export.targets.onnx_graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
-# transformers model_type → ONNX Runtime GenAI model type (all decoder-only ones it knows by name)
-GENAI_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3_text",
-}
+# transformers model_type → ONNX Runtime GenAI model type, from the family records
+# (mobile_export.families); a family without one is absent.
+GENAI_TYPES: dict[str, str] = {f.model_type: f.genai_type for f in all_families() if f.genai_type is not None}
+
+
+def genai_type(model_type: str) -> str:
+    """ONNX Runtime GenAI's model type for ``model_type``; a UserError when it has none."""
+    family = get_family(model_type)
+    if family.genai_type is None:
+        raise UserError(
+            f"ONNX Runtime GenAI has no model type for '{model_type}', so genai_config.json cannot be written",
+            hint="build for another backend, or give the family a genai_type in mobile_export/families/",
+        )
+    return family.genai_type
 
 
 def genai_config(
@@ -39,7 +44,7 @@ def genai_config(
 ) -> dict:
     """The config dict for a decoder exported by :mod:`mobile_export.targets.onnx_graph`."""
     model: dict = {
-        "type": GENAI_TYPES.get(model_type, "llama"),
+        "type": genai_type(model_type),
         "context_length": context_length,
         "vocab_size": vocab_size,
         "eos_token_id": eos_ids if len(eos_ids) != 1 else eos_ids[0],

@@ -32,7 +32,7 @@ from mobile_export.targets import (
     onnx_quant,
     register,
 )
-from mobile_export.targets.genai_config import genai_config
+from mobile_export.targets.genai_config import genai_config, genai_type
 from mobile_export.verify import FIXED_PROMPTS, FP32_THRESHOLDS, compare, standard_comparisons, stepped_logits
 
 GENAI_CHECK_TOKENS = 8
@@ -139,6 +139,7 @@ class OnnxBackend(Backend):
         import onnxruntime
 
         spec, options = info.spec, info.options
+        genai_type(model.config.model_type)  # a family GenAI cannot name is refused before any work
         report = onnx_graph.GraphReport(opset=options.opset)
         split = split_mixed_projections(model, spec)
         tied = onnx_quant.untie_for_export(model)
