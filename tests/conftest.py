@@ -39,6 +39,23 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(scope="session")
+def trained_model() -> Path:
+    """Folder of the trained tiny Llama, shipped in tests/fixtures/models (read-only)."""
+    from trained_model import trained_model_dir
+
+    return trained_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """``tiny_model_dir(arch)``: the briefly trained tiny folder of ``arch``, named ``tiny-<arch>``,
+    shipped in tests/fixtures/models and shared by the build tests (read-only)."""
+    from trained_model import tiny_model_dir
+
+    return tiny_model_dir
+
+
 TINY_RECIPE = {
     "name": "tiny-secure",
     "description": "1-layer Llama shape for the security tests.",
