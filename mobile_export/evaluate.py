@@ -149,7 +149,7 @@ def evaluate_bundles(
     """Evaluate every bundle on the text; ``on_row`` is called with each row as it is done."""
     from mobile_export.fidelity import evaluate_runtime
     from mobile_export.run import load_bundle_tokenizer
-    from mobile_export.targets import get_backend
+    from mobile_export.runtimes import open_bundle as open_runtime
 
     if max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2, not {max_tokens}")
@@ -182,7 +182,7 @@ def evaluate_bundles(
     for bundle, manifest in manifests:
         row = BundleEvaluation(bundle, manifest.backend, quant_label(manifest), "skipped", window)
         try:
-            runtime = get_backend(manifest.backend).open(bundle / manifest.artifact["file"])
+            runtime = open_runtime(bundle, manifest)
         except UserError as exc:
             row.reason = exc.message
             rows.append(row)

@@ -326,14 +326,16 @@ def build_eval_reference(
 
 
 def artifact_fidelity(
-    backend, artifact: Path, eval_text: EvalText, meaningful: bool, stand_in=None, stand_in_label: str = ""
+    path: Path, artifact: dict, eval_text: EvalText, meaningful: bool, stand_in=None, stand_in_label: str = ""
 ) -> dict:
-    """Run the written artifact in its runtime over the eval text: the manifest's ``fidelity``.
+    """Run the written artifact (at ``path``; ``artifact`` is its manifest entry) in its runtime
+    over the eval text: the manifest's ``fidelity``.
 
     When the artifact cannot run on this machine, ``stand_in`` (a stepping object the backend's
     verification vouched for, e.g. a Core ML package's weights in PyTorch) runs instead and
     ``runtime`` says so; without one, ``status`` is ``skipped`` with the reason."""
     from mobile_export.memory import release_memory
+    from mobile_export.runtimes import open_artifact
 
     facts = {
         "text": eval_text.describe(),
@@ -342,7 +344,7 @@ def artifact_fidelity(
         "meaningful": meaningful,
     }
     try:
-        runtime = backend.open(artifact)
+        runtime = open_artifact(path, artifact)
     except UserError as exc:
         if stand_in is None:
             return {"status": "skipped", "reason": exc.message, **facts}

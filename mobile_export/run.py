@@ -10,7 +10,8 @@ from typing import TextIO
 from mobile_export.bundle import load_tokenizer, open_bundle
 from mobile_export.errors import UserError
 from mobile_export.generate import GenerationStats, Sampling, TextStreamer, generate
-from mobile_export.targets import get_backend
+from mobile_export.runtimes import Runtime
+from mobile_export.runtimes import open_bundle as open_runtime
 
 
 def load_bundle_tokenizer(bundle: Path):
@@ -18,9 +19,8 @@ def load_bundle_tokenizer(bundle: Path):
     return load_tokenizer(bundle)
 
 
-def _open_runtime(bundle: Path, manifest):
-    backend = get_backend(manifest.backend)
-    return backend.open(bundle / manifest.artifact["file"])
+def _open_runtime(bundle: Path, manifest) -> Runtime:
+    return open_runtime(bundle, manifest)
 
 
 def _check_length(ids: list[int], manifest, what: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
 from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
 from mobile_export.targets import (
     COREML_OPTIONS,
     Backend,
@@ -31,7 +32,7 @@ from mobile_export.targets import (
     VerifyContext,
     register,
 )
-from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend, import_coremltools, quiet_coremltools
+from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend
 from mobile_export.targets.xnnpack import runner_metadata
 from mobile_export.verify import standard_comparisons, stepped_logits
 
@@ -47,6 +48,7 @@ class CoreMLExecuTorchBackend(Backend):
     schemes = ("fp32", "int4", "int8")
     artifact_file = "model.pte"
     artifact_format = "executorch-pte"
+    delegate = "CoreMLBackend"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
     attention = "portable"
     keeps_model = True
@@ -122,7 +124,7 @@ class CoreMLExecuTorchBackend(Backend):
         return {
             "file": self.artifact_file,
             "format": self.artifact_format,
-            "delegate": "CoreMLBackend",
+            "delegate": self.delegate,
             "compute_units": units.lower(),
             "minimum_deployment_target": f"iOS{info.options.deployment_target}",
             "methods": ["forward", *sorted(metadata)],
@@ -130,12 +132,6 @@ class CoreMLExecuTorchBackend(Backend):
             "core_ml_partitions": len(delegates),
             "min_os": {"ios": info.options.deployment_target},
         }
-
-    def open(self, artifact: Path):
-        raise UserError(
-            f"{artifact.name} is delegated to Core ML, which runs only on iOS/macOS",
-            hint="run it with ExecuTorch's iOS runtime, or build with --backend xnnpack to run it here",
-        )
 
     def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
         """Program structure, compressed weights, and the exported program run eagerly."""

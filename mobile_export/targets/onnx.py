@@ -19,7 +19,7 @@ from mobile_export.errors import UserError
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.quantize import keep_8bit_matcher, projection_parts
 from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
+from mobile_export.runtimes.onnx import OnnxRuntime, genai_generate
 from mobile_export.targets import (
     Backend,
     BackendOptions,
@@ -212,23 +212,20 @@ class OnnxBackend(Backend):
             else {},
         }
 
-    def open(self, artifact: Path) -> OnnxDecoder:
-        return OnnxDecoder(artifact)
-
     def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
         """Step the model in ONNX Runtime; check the fp32 graph exactly; generate with ONNX Runtime GenAI."""
         result = Verification()
         scratch, self._fp32_graph = getattr(self, "_fp32_graph", None), None
         if scratch is not None:
             ctx.ui.update("fp32 graph before quantization")
-            runtime = OnnxDecoder(Path(scratch.name) / "model.onnx")
+            runtime = OnnxRuntime(Path(scratch.name) / "model.onnx")
             got = stepped_logits(runtime.step, ctx.sequences)
             del runtime
             scratch.cleanup()
             result.comparisons.append(compare("graph parity (fp32 ONNX before quantization vs original)", got,
                                               ctx.reference, _fp32_thresholds(ctx)))  # fmt: skip
         ctx.ui.update("ONNX Runtime session")
-        runtime = self.open(artifact)
+        runtime = OnnxRuntime(artifact)
         got = stepped_logits(runtime.step, ctx.sequences)
         result.comparisons += standard_comparisons(got, ctx)
         prompt = list(ctx.tokenizer(FIXED_PROMPTS[0])["input_ids"])

@@ -18,7 +18,7 @@ import torch
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.executorch import ExecuTorchDecoder
+from mobile_export.runtimes.executorch import ExecuTorchRuntime
 from mobile_export.targets import Backend, ExportInfo, Verification, VerifyContext, register
 from mobile_export.verify import FIXED_PROMPTS, standard_comparisons, stepped_logits
 
@@ -192,14 +192,11 @@ class XnnpackBackend(Backend):
             "xnnpack_partitions": delegates,
         }
 
-    def open(self, artifact: Path) -> ExecuTorchDecoder:
-        return ExecuTorchDecoder(artifact)
-
     def verify(self, ctx: VerifyContext, artifact: Path, decoder) -> Verification:
         """Step the .pte in ExecuTorch's host runtime, then generate with its C++ LLM runner."""
         from mobile_export.memory import release_memory
 
-        runtime = self.open(artifact)
+        runtime = ExecuTorchRuntime(artifact)
         got = stepped_logits(runtime.step, ctx.sequences)
         result = Verification(comparisons=standard_comparisons(got, ctx))
         host_tokens = host_greedy_tokens(runtime, ctx.tokenizer, ctx.eos_ids)
