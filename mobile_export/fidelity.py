@@ -6,7 +6,8 @@ in its own runtime. Protocol: the text's tokens are cut into non-overlapping win
 position but the last predict the next token of the window (so a window of W tokens scores W-1
 targets; a trailing window of one token is dropped). The artifact is fed like a runner: the
 window's first token as a prefill at position 0, then one token per call; a runtime with
-``logits_all(tokens, start_pos) -> [T, vocab]`` (ONNX Runtime) gets the whole window at once.
+``logits_all(tokens, start_pos) -> [T, vocab]`` (every :class:`~mobile_export.runtimes.Runtime`)
+gets the whole window at once (ONNX Runtime in one call; the base class steps token by token).
 
 Per scored position, with ``p`` the reference (original model, fp32) distribution and ``q`` the
 artifact's: perplexity is ``exp(mean -log q(target))``; KL is ``KL(p || q) = sum p (log p - log q)``;
