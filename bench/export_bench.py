@@ -98,7 +98,7 @@ def main() -> None:
 
     from mobile_export.bundle import read_manifest
     from mobile_export.recipes import load_recipe
-    from mobile_export.runtimes.executorch import ExecuTorchDecoder
+    from mobile_export.runtimes.executorch import ExecuTorchRuntime
     from mobile_export.sources import SourceOptions, load_source
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -108,7 +108,7 @@ def main() -> None:
         bundle = out / f"{args.recipe}-android"
         manifest = read_manifest(bundle)
         pte = bundle / "model.pte"
-        runtime = ExecuTorchDecoder(pte)
+        runtime = ExecuTorchRuntime(pte)
         vocab = manifest.outputs[0].shape[-1]
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, int(vocab), (args.prompt_tokens,), generator=gen).tolist()

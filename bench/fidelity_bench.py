@@ -105,7 +105,7 @@ def coreml_package_fidelity(bundle: Path, model_path: Path, text: Path, max_toke
     import transformers
 
     from mobile_export.build import convert
-    from mobile_export.bundle import open_bundle
+    from mobile_export.bundle import read_checked_manifest as open_bundle
     from mobile_export.console import StepUI
     from mobile_export.fidelity import eager_reference, evaluate_runtime
     from mobile_export.quantize import QuantSpec
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep bundles already in --out instead of rebuilding")
     args = parser.parse_args(argv)
 
-    from mobile_export.bundle import open_bundle
+    from mobile_export.bundle import read_checked_manifest as open_bundle
     from mobile_export.evaluate import evaluate_bundles
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-bench-"))

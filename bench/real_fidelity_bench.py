@@ -322,29 +322,28 @@ def main(argv: list[str] | None = None) -> int:
             print_table([row])
             sys.stdout.flush()
     else:
-        from mobile_export.runtimes.executorch import ExecuTorchDecoder
-        from mobile_export.runtimes.onnx import OnnxDecoder
+        from mobile_export.runtimes.executorch import ExecuTorchRuntime
+        from mobile_export.runtimes.onnx import OnnxRuntime
 
         for item in args.pte:
             name, _, path = item.partition("=")
-            row = artifact_row(name, "pte", ExecuTorchDecoder(Path(path)), folder_bytes(Path(path)), refs, tokenizer)
+            row = artifact_row(name, "pte", ExecuTorchRuntime(Path(path)), folder_bytes(Path(path)), refs, tokenizer)
             rows.append(row)
             _append(args.out, row)
         for item in args.onnx:
             name, _, path = item.partition("=")
             folder = Path(path)
-            row = artifact_row(name, "onnx", OnnxDecoder(folder / "model.onnx"), folder_bytes(folder), refs, tokenizer)
+            row = artifact_row(name, "onnx", OnnxRuntime(folder / "model.onnx"), folder_bytes(folder), refs, tokenizer)
             rows.append(row)
             _append(args.out, row)
         for bundle in args.bundle:
-            from mobile_export.bundle import open_bundle
-            from mobile_export.targets import get_backend
+            from mobile_export.bundle import read_checked_manifest
+            from mobile_export.runtimes import open_bundle
 
-            manifest = open_bundle(bundle)
-            backend = get_backend(manifest.backend)
+            manifest = read_checked_manifest(bundle)
             files = manifest.artifact.get("files") or [manifest.artifact["file"]]
             nbytes = sum(folder_bytes(bundle / f) for f in files)
-            runtime = backend.open(bundle / manifest.artifact["file"])
+            runtime = open_bundle(bundle, manifest)
             row = artifact_row(bundle.name, manifest.backend, runtime, nbytes, refs, tokenizer)
             rows.append(row)
             _append(args.out, row)

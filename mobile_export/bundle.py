@@ -313,7 +313,7 @@ def checksum_error(bundle: Path, problems: list[str]) -> UserError:
     )
 
 
-def open_bundle(bundle: Path) -> Manifest:
+def read_checked_manifest(bundle: Path) -> Manifest:
     """Read a bundle's manifest and refuse it if any file's checksum does not match."""
     manifest = read_manifest(bundle)
     problems = verify_checksums(bundle, manifest)

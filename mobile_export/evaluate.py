@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobile_export.bundle import Manifest, open_bundle
+from mobile_export.bundle import Manifest, read_checked_manifest
 from mobile_export.errors import UserError
 from mobile_export.fidelity import DEFAULT_WINDOW, FidelityResult, Reference, eager_reference, read_text, text_tokens
 
@@ -149,14 +149,14 @@ def evaluate_bundles(
     """Evaluate every bundle on the text; ``on_row`` is called with each row as it is done."""
     from mobile_export.fidelity import evaluate_runtime
     from mobile_export.run import load_bundle_tokenizer
-    from mobile_export.targets import get_backend
+    from mobile_export.runtimes import open_bundle
 
     if max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2, not {max_tokens}")
     if window is not None and window < 2:
         raise UserError(f"--window must be at least 2 tokens, not {window}")
     text = read_text(text_path)
-    manifests = [(bundle, open_bundle(bundle)) for bundle in bundles]
+    manifests = [(bundle, read_checked_manifest(bundle)) for bundle in bundles]
     if window is None:
         window = min(DEFAULT_WINDOW, *(m.context_length for _, m in manifests))
     too_long = [(b, m) for b, m in manifests if m.context_length < window]
@@ -182,7 +182,7 @@ def evaluate_bundles(
     for bundle, manifest in manifests:
         row = BundleEvaluation(bundle, manifest.backend, quant_label(manifest), "skipped", window)
         try:
-            runtime = get_backend(manifest.backend).open(bundle / manifest.artifact["file"])
+            runtime = open_bundle(bundle, manifest)
         except UserError as exc:
             row.reason = exc.message
             rows.append(row)

@@ -6,7 +6,8 @@ in its own runtime. Protocol: the text's tokens are cut into non-overlapping win
 position but the last predict the next token of the window (so a window of W tokens scores W-1
 targets; a trailing window of one token is dropped). The artifact is fed like a runner: the
 window's first token as a prefill at position 0, then one token per call; a runtime with
-``logits_all(tokens, start_pos) -> [T, vocab]`` (ONNX Runtime) gets the whole window at once.
+``logits_all(tokens, start_pos) -> [T, vocab]`` (every :class:`~mobile_export.runtimes.Runtime`)
+gets the whole window at once (ONNX Runtime in one call; the base class steps token by token).
 
 Per scored position, with ``p`` the reference (original model, fp32) distribution and ``q`` the
 artifact's: perplexity is ``exp(mean -log q(target))``; KL is ``KL(p || q) = sum p (log p - log q)``;
@@ -326,14 +327,16 @@ def build_eval_reference(
 
 
 def artifact_fidelity(
-    backend, artifact: Path, eval_text: EvalText, meaningful: bool, stand_in=None, stand_in_label: str = ""
+    path: Path, artifact: dict, eval_text: EvalText, meaningful: bool, stand_in=None, stand_in_label: str = ""
 ) -> dict:
-    """Run the written artifact in its runtime over the eval text: the manifest's ``fidelity``.
+    """Run the written artifact (at ``path``; ``artifact`` is its manifest entry) in its runtime
+    over the eval text: the manifest's ``fidelity``.
 
     When the artifact cannot run on this machine, ``stand_in`` (a stepping object the backend's
     verification vouched for, e.g. a Core ML package's weights in PyTorch) runs instead and
     ``runtime`` says so; without one, ``status`` is ``skipped`` with the reason."""
     from mobile_export.memory import release_memory
+    from mobile_export.runtimes import open_artifact
 
     facts = {
         "text": eval_text.describe(),
@@ -342,7 +345,7 @@ def artifact_fidelity(
         "meaningful": meaningful,
     }
     try:
-        runtime = backend.open(artifact)
+        runtime = open_artifact(path, artifact)
     except UserError as exc:
         if stand_in is None:
             return {"status": "skipped", "reason": exc.message, **facts}

@@ -179,9 +179,17 @@ def read_header(path: Path) -> GGUFHeader:
     return _read_header_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
-def _transformers():
-    from mobile_export.sources import quiet_transformers
+def quiet_transformers():
+    """transformers, with its warnings and progress bars off (quiet output); the loaders of
+    :mod:`mobile_export.sources` use it too (this module is the one below them)."""
+    import transformers
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # quiet output: no per-tensor loading bars
+    return transformers
+
+
+def _transformers():
     return quiet_transformers()
 
 

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from mobile_export.errors import UserError
 
+# Above this many bytes of fp32 weights the original model is loaded in bf16 (the reference
+# then runs in bf16 too, and verification uses the looser bf16 thresholds); sources loads by it.
+FP32_LOAD_LIMIT_BYTES = 6 * 1024**3
+
 # Sizes a decoder config must hold as positive integers when present.
 SIZE_KEYS = (
     "vocab_size",
@@ -87,8 +91,6 @@ def check_memory(config: dict, kv_cache_bytes: int | None) -> None:
     caches (the eager wrapper's and the exported program's) would not fit in this machine's
     memory, naming the figure."""
     import psutil
-
-    from mobile_export.sources import FP32_LOAD_LIMIT_BYTES
 
     total = psutil.virtual_memory().total
     parameters = estimate_parameters(config)

@@ -355,12 +355,12 @@ def check_outputs(reference: ReferenceFile, outputs: list[PromptOutput]) -> Pari
 def verify_bundle(bundle: Path) -> tuple[ParityReport, dict]:
     """Run a bundle's artifact here against its ``reference.json``; returns the report and the
     manifest facts to print (raises ``UserError`` when the artifact cannot run here)."""
-    from mobile_export.bundle import open_bundle
-    from mobile_export.targets import get_backend
+    from mobile_export.bundle import read_checked_manifest as checked_manifest
+    from mobile_export.runtimes import open_bundle
 
-    manifest = open_bundle(bundle)
+    manifest = checked_manifest(bundle)
     reference = read_reference(bundle, manifest.vocab_size(), manifest.context_length)
-    runtime = get_backend(manifest.backend).open(bundle / manifest.artifact["file"])
+    runtime = open_bundle(bundle, manifest)
     report = check_outputs(reference, run_reference(runtime, reference))
     facts = {
         "backend": manifest.backend,

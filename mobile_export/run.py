@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from mobile_export.bundle import load_tokenizer, open_bundle
+from mobile_export.bundle import load_tokenizer, read_checked_manifest
 from mobile_export.errors import UserError
 from mobile_export.generate import GenerationStats, Sampling, TextStreamer, generate
-from mobile_export.targets import get_backend
+from mobile_export.runtimes import Runtime, open_bundle
 
 
 def load_bundle_tokenizer(bundle: Path):
@@ -18,9 +18,8 @@ def load_bundle_tokenizer(bundle: Path):
     return load_tokenizer(bundle)
 
 
-def _open_runtime(bundle: Path, manifest):
-    backend = get_backend(manifest.backend)
-    return backend.open(bundle / manifest.artifact["file"])
+def _open_runtime(bundle: Path, manifest) -> Runtime:
+    return open_bundle(bundle, manifest)
 
 
 def _check_length(ids: list[int], manifest, what: str) -> None:
@@ -47,7 +46,7 @@ def run_bundle(
     bundle: Path, prompt: str, max_new_tokens: int, out: TextIO, sampling: Sampling | None = None
 ) -> GenerationStats:
     """Continue ``prompt`` with the bundle's artifact, writing text to ``out`` as it comes."""
-    manifest = open_bundle(bundle)
+    manifest = read_checked_manifest(bundle)
     runtime = _open_runtime(bundle, manifest)
     tokenizer = load_bundle_tokenizer(bundle)
     prompt_ids = list(tokenizer(prompt)["input_ids"])
@@ -77,7 +76,7 @@ def run_chat(
     template renders it, and the reply (streamed to ``out``) ends on any end-of-turn id."""
     from mobile_export.chat import Conversation, chat_template, stop_ids
 
-    manifest = open_bundle(bundle)
+    manifest = read_checked_manifest(bundle)
     tokenizer = load_bundle_tokenizer(bundle)
     if chat_template(tokenizer) is None:
         raise UserError(

@@ -21,19 +21,15 @@ from mobile_export.gguf_source import (
     gguf_config,
     load_gguf_model,
     load_gguf_tokenizer,
+    quiet_transformers,
     read_header,
 )
-from mobile_export.preflight import read_config_json, weight_shape_mismatch
+from mobile_export.preflight import FP32_LOAD_LIMIT_BYTES, read_config_json, weight_shape_mismatch
 from mobile_export.recipes import Recipe
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEMO_TOKENIZER_DIR = ASSETS_DIR / "demo"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Above this many bytes of fp32 weights the original model is loaded in bf16 (the reference
-# then runs in bf16 too, and verification uses the looser bf16 thresholds).
-FP32_LOAD_LIMIT_BYTES = 6 * 1024**3
-
-
 @dataclass
 class SourceOptions:
     """How the user asked for weights."""
@@ -62,15 +58,6 @@ class Source:
     source_format: str | None = None  # "safetensors", "pickle" or "gguf" (None: random weights)
     gguf: GGUFHeader | None = None  # the GGUF file's header, for GGUF sources
     generation_eos_ids: list[int] = field(default_factory=list)  # the model's generation_config stop ids
-
-
-def quiet_transformers():
-    """transformers, with its warnings and progress bars off (quiet output)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # quiet output: no per-tensor loading bars
-    return transformers
 
 
 def count_parameters(config) -> int:

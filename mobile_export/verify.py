@@ -280,7 +280,8 @@ def judge_fidelity(backend, artifact, eval_text, outcome, spec, meaningful: bool
     quantization cost on it; the returned figures carry ``notes`` (lines for the build output)."""
     from mobile_export.fidelity import artifact_fidelity, fidelity_in_words, fidelity_summary
 
-    fidelity = artifact_fidelity(backend, artifact, eval_text, meaningful, outcome.stand_in, outcome.stand_in_label)
+    entry = {"file": artifact.name, "format": backend.artifact_format, "delegate": backend.delegate}
+    fidelity = artifact_fidelity(artifact, entry, eval_text, meaningful, outcome.stand_in, outcome.stand_in_label)
     notes = [f"fidelity {fidelity_summary(fidelity)}"]
     quality = quality_check(fidelity, spec.is_quantized, meaningful)
     if quality is not None:

@@ -15,7 +15,7 @@ from mobile_export.bundle import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
     bundle_name,
-    open_bundle,
+    read_checked_manifest,
     read_manifest,
     staged_bundle,
     verify_checksums,
@@ -175,11 +175,11 @@ def test_verify_checksums_reports_missing_files(bundle):
     ]
 
 
-def test_open_bundle_refuses_a_damaged_bundle(bundle):
+def test_read_checked_manifest_refuses_a_damaged_bundle(bundle):
     (bundle / "model.pte").write_bytes(b"x")
     (bundle / "tokenizer.json").unlink()
     with pytest.raises(UserError) as info:
-        open_bundle(bundle)
+        read_checked_manifest(bundle)
     message = info.value.one_line()
     assert f"bundle {bundle} failed its checksum check: model.pte: size 1" in message
     assert "(and 1 more)" in message

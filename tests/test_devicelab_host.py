@@ -132,6 +132,7 @@ def test_host_bundle_for_a_backend_this_host_cannot_run_is_recorded_failed(tmp_p
     other = shutil.copytree(tiny_bundle, tmp_path / "tiny-coreml")
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["backend"] = "coreml"  # manifest.json is not in its own file list: checksums still match
+    manifest["artifact"]["format"] = "coreml-mlpackage"  # what opens a bundle is its artifact's format
     (other / "manifest.json").write_text(json.dumps(manifest))
     plan = write_plan(
         tmp_path / "plan.yaml",

@@ -220,10 +220,10 @@ def test_core_ml_options_on_xnnpack(tmp_path):
 @pytest.mark.skipif(IS_MAC, reason="checks the message shown where Core ML does not exist")
 def test_running_a_core_ml_bundle_off_macos_is_a_clear_error(tmp_path):
     from mobile_export.errors import UserError
-    from mobile_export.runtimes.coreml import CoreMLDecoder
+    from mobile_export.runtimes.coreml import CoreMLRuntime
 
     with pytest.raises(UserError) as info:
-        CoreMLDecoder(tmp_path / "model.mlpackage")
+        CoreMLRuntime(tmp_path / "model.mlpackage")
     assert "Core ML packages run only on macOS 15+ or iOS 18+" in info.value.one_line()
 
 
@@ -246,11 +246,11 @@ def test_causal_mask_matches_the_eager_wrapper():
 def test_core_ml_predict_with_state_matches_eager(model_dirs, tmp_path):
     result = _build(model_dirs["llama"], tmp_path, "--quant", "fp16")
     assert result.exit_code == 0, result.output
-    from mobile_export.runtimes.coreml import CoreMLDecoder
+    from mobile_export.runtimes.coreml import CoreMLRuntime
 
     manifest = read_manifest(tmp_path / "tiny-llama-ios")
     assert manifest.verification["coreml_predict"] == "ran on macOS"
-    runtime = CoreMLDecoder(tmp_path / "tiny-llama-ios" / "model.mlpackage")
+    runtime = CoreMLRuntime(tmp_path / "tiny-llama-ios" / "model.mlpackage")
     first = runtime.step([5, 6, 7, 8], 0)
     second = runtime.step([9], 4)
     assert first.shape == second.shape and torch.isfinite(second).all()

@@ -213,11 +213,11 @@ def test_run_and_genai_generate_agree(llama_int4):
     from transformers import AutoTokenizer
 
     from mobile_export.generate import generate
-    from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
+    from mobile_export.runtimes.onnx import OnnxRuntime, genai_generate
 
     tokenizer = AutoTokenizer.from_pretrained(str(llama_int4))
     prompt = list(tokenizer("The bread rises while the oven")["input_ids"])
-    runtime = OnnxDecoder(llama_int4 / "model.onnx")
+    runtime = OnnxRuntime(llama_int4 / "model.onnx")
     ours = generate(runtime.step, prompt, 12, set(), runtime.max_seq_len).tokens
     theirs, timings = genai_generate(llama_int4, prompt, 12)
     assert theirs == ours and len(ours) == 12

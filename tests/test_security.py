@@ -518,9 +518,9 @@ def test_plain_build_prints_progress_only(real_build):
 def test_executorch_step_refuses_ids_outside_the_programs_vocabulary(real_bundle):
     """The last guard before native code: ids are checked against the .pte's own get_vocab_size
     (a tokenizer that does not belong to the model would otherwise abort the process)."""
-    from mobile_export.runtimes.executorch import ExecuTorchDecoder
+    from mobile_export.runtimes.executorch import ExecuTorchRuntime
 
-    runtime = ExecuTorchDecoder(real_bundle / "model.pte")
+    runtime = ExecuTorchRuntime(real_bundle / "model.pte")
     assert runtime.vocab_size == 1024
     assert runtime.step([5, 6], 0).shape == (1024,)
     for bad in (1024, 10**9, -1):

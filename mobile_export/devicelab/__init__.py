@@ -15,5 +15,5 @@ Modules: :mod:`plan` (schema and loading), :mod:`bundles` (bundles to test, prom
 :mod:`devices` (one small interface, one module per way of reaching a phone),
 :mod:`results` (versioned JSONL records, resume), :mod:`runner` and :mod:`progress`
 (orchestration, progress, summary), :mod:`report`, :mod:`html` and :mod:`pytorch_db` (summaries,
-plots, regressions, database rows).
+plots, regressions, database rows; :mod:`report_format` is how both reports show a figure).
 """

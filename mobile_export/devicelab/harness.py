@@ -203,7 +203,7 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
     from mobile_export.bundle import MANIFEST_NAME, read_manifest
     from mobile_export.generate import generate
     from mobile_export.reference import REFERENCE_NAME, read_reference, run_reference
-    from mobile_export.targets import get_backend
+    from mobile_export.runtimes import open_bundle
 
     manifest = read_manifest(bundle)
     manifest_sha = hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()
@@ -213,7 +213,7 @@ def measure(bundle: Path, prompt_ids: list[int], new_tokens: int, warmup: int) -
         )
     reset = reset_peak_memory()
     before = current_rss()
-    runtime = get_backend(manifest.backend).open(bundle / manifest.artifact["file"])
+    runtime = open_bundle(bundle, manifest)
     for _ in range(warmup):
         generate(runtime.step, prompt_ids, new_tokens, set(), manifest.context_length)
     stats = generate(runtime.step, prompt_ids, new_tokens, set(), manifest.context_length)

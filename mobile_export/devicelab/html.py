@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .report import METRICS, _by_scenario, device_label, fmt_cell, fmt_value, scenario_label
+from .report_format import METRICS, by_scenario, device_label, fmt_cell, fmt_value, scenario_label
 
 CHART_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "peak_memory_bytes", "load_s")
 _CSS = """
@@ -155,7 +155,7 @@ def render_html(summary: dict) -> str:
                 f"{escape(metric.unit)} ({r['change_pct']:+.1f}%, allowed {r['threshold_pct']:g}%)</li>"
             )
         body.append(f"<ul>{''.join(items)}</ul>")
-    for scenario, groups in _by_scenario(summary["groups"]).items():
+    for scenario, groups in by_scenario(summary["groups"]).items():
         body.append(f"<h2>Scenario <code>{escape(scenario)}</code></h2>")
         body.append(
             f"<p class='muted'>{escape(scenario_label(groups[0]['scenario_info']))}. "

@@ -21,7 +21,8 @@ from mobile_export import __version__
 from mobile_export.errors import UserError
 
 from .bundles import check_context, resolve_bundles, write_prompts
-from .devices import Device, DeviceError, DeviceGone, Job, Outcome, make_device
+from .devices import Device, DeviceError, DeviceGone, Job, Outcome
+from .devices.factory import make_device
 from .plan import Plan, Scenario
 from .progress import BenchProgress
 from .results import RESULTS_NAME, RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION, ResultsLog, done_keys, read_results

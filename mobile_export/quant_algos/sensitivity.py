@@ -187,7 +187,7 @@ def bundles_sensitivity(
     progress: Callable[[str], None] | None = None,
 ) -> dict[Path, Sensitivity]:
     """Per-layer sensitivity for each bundle's scheme, on its original model (the one ``eval`` compares with)."""
-    from mobile_export.bundle import open_bundle
+    from mobile_export.bundle import read_checked_manifest
     from mobile_export.evaluate import reference_source
     from mobile_export.fidelity import eager_reference, read_text, text_tokens
     from mobile_export.memory import release_memory
@@ -197,7 +197,7 @@ def bundles_sensitivity(
     text = read_text(text_path)
     out: dict[Path, Sensitivity] = {}
     for bundle in bundles:
-        manifest = open_bundle(bundle)
+        manifest = read_checked_manifest(bundle)
         spec, notes = spec_for_bundle(manifest.quantization, manifest.backend)
         tokenizer = load_bundle_tokenizer(bundle)
         source = reference_source(bundle, manifest, model_path, recipe)

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 from mobile_export.errors import UserError
+from mobile_export.runtimes.base import Runtime
+
+# ExecuTorch delegates whose programs the host's runtime cannot run (manifest ``artifact.delegate``)
+DEVICE_ONLY_DELEGATES = {"CoreMLBackend": "Core ML"}
 
 _NATIVE_LOGS = {"shown": False}
 
@@ -54,8 +58,24 @@ def load_runtime_ops() -> None:
         Runtime.get()
 
 
-class ExecuTorchDecoder:
-    """A loaded .pte whose ``forward(tokens, input_pos)`` returns last-token logits."""
+class ExecuTorchRuntime(Runtime):
+    """A loaded .pte whose ``forward(tokens, input_pos)`` returns last-token logits.
+
+    Its KV cache lives in the program; a step at ``start_pos`` overwrites the cache from there and
+    masks what lies beyond, so a new sequence needs no reset."""
+
+    format = "executorch-pte"
+
+    @classmethod
+    def open(cls, pte_path: Path, artifact: dict) -> ExecuTorchRuntime:
+        """Load ``pte_path``; a program delegated to a device-only backend is refused first."""
+        platform = DEVICE_ONLY_DELEGATES.get(artifact.get("delegate"))
+        if platform is not None:
+            raise UserError(
+                f"{pte_path.name} is delegated to {platform}, which runs only on iOS/macOS",
+                hint="run it with ExecuTorch's iOS runtime, or build with --backend xnnpack to run it here",
+            )
+        return cls(pte_path)
 
     def __init__(self, pte_path: Path):
         load_runtime_ops()

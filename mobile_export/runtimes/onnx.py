@@ -1,6 +1,6 @@
 """ONNX Runtime on the host: an ``InferenceSession`` stepped like a runner, and ONNX Runtime GenAI.
 
-:class:`OnnxDecoder` keeps the present KV tensors of each call and feeds them back as the next
+:class:`OnnxRuntime` keeps the present KV tensors of each call and feeds them back as the next
 call's past, so decode never re-runs the prompt. :func:`genai_generate` loads the bundle folder
 with ``onnxruntime_genai`` (the library ONNX Runtime GenAI's Android and iOS packages wrap) and
 generates greedily.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mobile_export.errors import UserError
+from mobile_export.runtimes.base import Runtime
 
 
 def check_external_data(model_path: Path) -> None:
@@ -44,8 +45,10 @@ def check_external_data(model_path: Path) -> None:
                 )
 
 
-class OnnxDecoder:
+class OnnxRuntime(Runtime):
     """A loaded ``model.onnx``: ``step(tokens, start_pos)`` → last-token logits [vocab] (fp32)."""
+
+    format = "onnxruntime-genai"
 
     def __init__(self, model_path: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -77,6 +80,10 @@ class OnnxDecoder:
         self._kv_dtype = np.float16 if "float16" in kv_input.type else np.float32
         self._past: list[np.ndarray] = []
         self._length = 0
+
+    def reset(self) -> None:
+        """Drop the cached past (a step at position 0 starts from an empty one too)."""
+        self._past, self._length = [], 0
 
     def _empty_past(self) -> list[np.ndarray]:
         return [np.zeros(self._kv_shape, dtype=self._kv_dtype) for _ in self._past_names]

@@ -1,7 +1,8 @@
 """Backends: one module each, registered by name with :func:`register`.
 
 A backend turns an :class:`~mobile_export.modeling.ExportableDecoder` into an artifact file
-and opens that artifact again for verification and ``run``. Every backend declares the
+and verifies it (opening it with its runtime loader from :mod:`mobile_export.runtimes`, which
+is also what ``run`` uses; a backend does not open bundles). Every backend declares the
 targets and quantization schemes it accepts, so a bad combination is refused before any
 heavy work starts.
 """
@@ -154,7 +155,8 @@ class Backend(ABC):
     targets: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ()
     artifact_file: str = ""
-    artifact_format: str = ""
+    artifact_format: str = ""  # the manifest's artifact.format: which runtime loader opens it
+    delegate: str | None = None  # the ExecuTorch delegate its program needs (the manifest's artifact.delegate)
     default_quant = None  # QuantSettings used when a recipe names another backend for the target
     attention: str = "executorch"  # the ExportableDecoder attention this backend converts
     quantizes_in_torch: bool = True  # False: the backend compresses weights itself after conversion
@@ -218,10 +220,6 @@ class Backend(ABC):
     @abstractmethod
     def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Write the artifact into ``out_dir``; return what was written, for verify and the manifest."""
-
-    @abstractmethod
-    def open(self, artifact: Path):
-        """Load the artifact for stepping (an object with ``step(tokens, start_pos)``)."""
 
 
 def register(cls: type[Backend]) -> type[Backend]:

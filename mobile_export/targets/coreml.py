@@ -20,15 +20,9 @@ On Linux ``MLModel.predict`` does not exist; verification reads the saved packag
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import platform
 import shutil
 import subprocess
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +30,7 @@ import torch
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
 from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.coreml import CoreMLRuntime, import_coremltools, quiet_coremltools, state_name
 from mobile_export.targets import (
     COREML_OPTIONS,
     Backend,
@@ -47,8 +42,10 @@ from mobile_export.targets import (
     register,
 )
 from mobile_export.targets.coreml_checks import (
+    WEIGHT_THRESHOLD,
     check_compression,
     check_io,
+    embedding_storage,
     load_package_weights,
     read_package,
 )
@@ -72,35 +69,6 @@ SCHEME_FEATURE = {
 DEFAULT_MIN_IOS = "18"
 DEFAULT_COMPUTE_UNITS = "cpu_and_gpu"
 PALETTE_GROUP = 16  # output channels sharing one lookup table
-WEIGHT_THRESHOLD = 512  # linear/embedding weights with more elements are compressed (all of a real model's)
-
-
-@contextlib.contextmanager
-def quiet_coremltools() -> Iterator[None]:
-    """Hide coremltools' progress bars and its warnings about untested torch versions."""
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        # progress bars (tqdm) and notices go to stderr; errors still raise
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-
-
-def import_coremltools():
-    """coremltools, imported with its native-library notices silenced."""
-    with quiet_coremltools():
-        import coremltools as ct
-    return ct
 
 
 def ios_major(value: str) -> int:
@@ -114,11 +82,6 @@ def ios_major(value: str) -> int:
 def tied_embedding(decoder) -> bool:
     """Whether the LM head and the embedding share one weight tensor."""
     return decoder.lm_head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr()
-
-
-def embedding_storage(spec, tied: bool) -> str:
-    """How the embedding table is stored: its own setting, or the head's scheme when they share it."""
-    return spec.scheme if tied else spec.embedding
 
 
 def compression_config(spec, ct, tied: bool = False):
@@ -330,11 +293,6 @@ class CoreMLBackend(Backend):
         }
         return values
 
-    def open(self, artifact: Path):
-        from mobile_export.runtimes.coreml import CoreMLDecoder
-
-        return CoreMLDecoder(artifact)
-
     def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Read the package back and check it; run its weights in PyTorch; predict on macOS.
 
@@ -396,7 +354,7 @@ class CoreMLBackend(Backend):
         release_memory()
         if platform.system() == "Darwin":
             ui.update("MLModel.predict with state")
-            runtime = self.open(package_dir)
+            runtime = CoreMLRuntime(package_dir)
             on_device = stepped_logits(runtime.step, ctx.sequences)
             result.comparisons += standard_comparisons(on_device, ctx, "Core ML predict")
             result.details["coreml_predict"] = "ran on macOS"
@@ -419,8 +377,3 @@ def compile_mlmodelc(package: Path, out_dir: Path) -> Path:
     if done.returncode != 0 or not compiled.is_dir():
         raise UserError(f"xcrun coremlcompiler failed: {(done.stderr or done.stdout).strip()[:200]}")
     return compiled
-
-
-def state_name(layer: int, kind: str) -> str:
-    """A KV-cache state's name in the Core ML package (the torch buffer path, '.' -> '_')."""
-    return f"decoder_layers_{layer}_self_attn_{kind}"

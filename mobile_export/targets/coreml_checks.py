@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+WEIGHT_THRESHOLD = 512  # linear/embedding weights with more elements are compressed (all of a real model's)
 # MIL op that produces a compressed weight -> short name of the storage
 COMPRESSED_OPS = {
     "constexpr_blockwise_shift_scale": "quantized",
@@ -34,7 +35,7 @@ class Package:
 
 def read_package(path: Path) -> Package:
     """Load a package's spec and MIL program without compiling it (works on Linux)."""
-    from mobile_export.targets.coreml import import_coremltools, quiet_coremltools
+    from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
 
     ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as load_mil
@@ -129,6 +130,11 @@ def expected_storage(scheme: str, group_size: int) -> str | None:
     return None
 
 
+def embedding_storage(spec, tied: bool) -> str:
+    """How the embedding table is stored: its own setting, or the head's scheme when they share it."""
+    return spec.scheme if tied else spec.embedding
+
+
 def _weight_source(op_input):
     return op_input.op if op_input is not None and op_input.op is not None else None
 
@@ -138,11 +144,7 @@ def check_compression(package: Package, spec, tied: bool = False) -> tuple[dict,
 
     Weights smaller than the compression threshold (e.g. tiny heads) are reported, not failed.
     """
-    from mobile_export.targets.coreml import WEIGHT_THRESHOLD
-
     want_linear = expected_storage(spec.scheme, spec.group_size)
-    from mobile_export.targets.coreml import embedding_storage
-
     embedding_scheme = embedding_storage(spec, tied)
     want_embedding = expected_storage(embedding_scheme, spec.group_size) if embedding_scheme != "none" else None
     counts: dict[str, int] = {}

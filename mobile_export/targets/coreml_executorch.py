@@ -22,6 +22,7 @@ import torch
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
 from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
 from mobile_export.targets import (
     COREML_OPTIONS,
     Backend,
@@ -32,7 +33,7 @@ from mobile_export.targets import (
     VerifyContext,
     register,
 )
-from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend, import_coremltools, quiet_coremltools
+from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend
 from mobile_export.targets.xnnpack import runner_metadata
 from mobile_export.verify import standard_comparisons, stepped_logits
 
@@ -48,6 +49,7 @@ class CoreMLExecuTorchBackend(Backend):
     schemes = ("fp32", "int4", "int8")
     artifact_file = "model.pte"
     artifact_format = "executorch-pte"
+    delegate = "CoreMLBackend"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
     attention = "portable"
     keeps_model = True
@@ -122,7 +124,7 @@ class CoreMLExecuTorchBackend(Backend):
         facts = {
             "file": self.artifact_file,
             "format": self.artifact_format,
-            "delegate": "CoreMLBackend",
+            "delegate": self.delegate,
             "compute_units": units.lower(),
             "minimum_deployment_target": f"iOS{info.options.deployment_target}",
             "methods": ["forward", *sorted(metadata)],
@@ -133,12 +135,6 @@ class CoreMLExecuTorchBackend(Backend):
         # verify() runs the exact program lowered eagerly, and checks the lowering's facts
         return ExportedArtifact.from_facts(
             facts, exported=program, lowered_facts=lowered_facts, compressed_linears=compressed
-        )
-
-    def open(self, artifact: Path):
-        raise UserError(
-            f"{artifact.name} is delegated to Core ML, which runs only on iOS/macOS",
-            hint="run it with ExecuTorch's iOS runtime, or build with --backend xnnpack to run it here",
         )
 
     def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:

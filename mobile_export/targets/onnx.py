@@ -20,7 +20,7 @@ from mobile_export.errors import UserError
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.quantize import keep_8bit_matcher, projection_parts
 from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.onnx import OnnxDecoder, genai_generate
+from mobile_export.runtimes.onnx import OnnxRuntime, genai_generate
 from mobile_export.targets import (
     Backend,
     BackendOptions,
@@ -217,9 +217,6 @@ class OnnxBackend(Backend):
         # verify() checks the fp32 graph before quantization exactly, then removes it
         return ExportedArtifact.from_facts(facts, **({"fp32_graph": fp32_graph} if fp32_graph is not None else {}))
 
-    def open(self, artifact: Path) -> OnnxDecoder:
-        return OnnxDecoder(artifact)
-
     def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Step the model in ONNX Runtime; check the fp32 graph exactly; generate with ONNX Runtime GenAI."""
         result = Verification()
@@ -227,14 +224,14 @@ class OnnxBackend(Backend):
         model_file = artifact.path(folder)
         if scratch is not None:
             ctx.ui.update("fp32 graph before quantization")
-            runtime = OnnxDecoder(Path(scratch.name) / "model.onnx")
+            runtime = OnnxRuntime(Path(scratch.name) / "model.onnx")
             got = stepped_logits(runtime.step, ctx.sequences)
             del runtime
             scratch.cleanup()
             result.comparisons.append(compare("graph parity (fp32 ONNX before quantization vs original)", got,
                                               ctx.reference, _fp32_thresholds(ctx)))  # fmt: skip
         ctx.ui.update("ONNX Runtime session")
-        runtime = self.open(model_file)
+        runtime = OnnxRuntime(model_file)
         got = stepped_logits(runtime.step, ctx.sequences)
         result.comparisons += standard_comparisons(got, ctx)
         prompt = list(ctx.tokenizer(FIXED_PROMPTS[0])["input_ids"])

@@ -18,7 +18,7 @@ import torch
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.executorch import ExecuTorchDecoder
+from mobile_export.runtimes.executorch import ExecuTorchRuntime
 from mobile_export.targets import Backend, ExportedArtifact, ExportInfo, Verification, VerifyContext, register
 from mobile_export.verify import FIXED_PROMPTS, standard_comparisons, stepped_logits
 
@@ -194,15 +194,12 @@ class XnnpackBackend(Backend):
             }
         )
 
-    def open(self, artifact: Path) -> ExecuTorchDecoder:
-        return ExecuTorchDecoder(artifact)
-
     def verify(self, artifact: ExportedArtifact, folder: Path, ctx: VerifyContext, decoder) -> Verification:
         """Step the .pte in ExecuTorch's host runtime, then generate with its C++ LLM runner."""
         from mobile_export.memory import release_memory
 
         pte = artifact.path(folder)
-        runtime = self.open(pte)
+        runtime = ExecuTorchRuntime(pte)
         got = stepped_logits(runtime.step, ctx.sequences)
         result = Verification(comparisons=standard_comparisons(got, ctx))
         host_tokens = host_greedy_tokens(runtime, ctx.tokenizer, ctx.eos_ids)

@@ -4,6 +4,9 @@ A device is ``connect``-ed once (tools installed, phone present: a :class:`UserE
 ``prepare``-d once per bundle (copy the bundle, prompts and harness over), then asked for
 measurements. ``run`` yields one :class:`Outcome` per repetition as each is taken; a device
 where a run is expensive (a cloud lab) overrides it to take them all in one go.
+
+This module is the interface and the helpers every device module shares; it imports none of
+them. :func:`mobile_export.devicelab.devices.factory.make_device` picks one by a plan's kind.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from mobile_export.errors import UserError
 
 from ..bundles import BenchBundle
 from ..harness import HarnessOutputError, parse_results, reference_parity
@@ -194,28 +195,6 @@ def checked(result, what: str, device: str, gone, timeout_s: float | None = None
     if result.timed_out and timeout_s is not None:
         raise DeviceError(f"{what} did not finish within {timeout_s:g}s")
     raise DeviceError(f"{what} failed: {message}")
-
-
-def make_device(spec) -> Device:
-    """The device object for a plan's device entry."""
-    kind = spec.kind
-    if kind == "host":
-        from .host import HostDevice
-
-        return HostDevice(spec)
-    if kind == "android":
-        from .android import AndroidDevice
-
-        return AndroidDevice(spec)
-    if kind == "ios":
-        from .ios import IOSDevice
-
-        return IOSDevice(spec)
-    if kind == "devicefarm":
-        from .devicefarm import DeviceFarmDevice
-
-        return DeviceFarmDevice(spec)
-    raise UserError(f"unknown device kind '{kind}'", hint="use host, android, ios or devicefarm")
 
 
 def dumps(data: dict) -> str:
