@@ -10,7 +10,7 @@ the prompt at position 0, then feed the reference's greedy tokens one at a time.
 (the distribution that predicts ``greedy_tokens[i]``) the runtime reports its own argmax and its
 log-probabilities of the step's ``top_ids``. Agreement counts a step as agreeing when the argmax
 is the reference's token, or a near-tie: another of the reference's top-k whose reference
-log-probability is within ``tie_margin`` of the best. Thresholds by quantization are written
+log-probability is within ``tie_margin`` of the best. Limits by quantization are written
 into the file (``thresholds``) so phones apply the same ones; ``enforced`` is false where the
 figures say nothing (quantized random weights).
 """
@@ -43,7 +43,7 @@ PROTOCOL = (
 )
 
 
-class Thresholds(BaseModel):
+class ReferenceLimits(BaseModel):
     """Limits a runtime's outputs must meet against the reference."""
 
     min_top1_agreement: float
@@ -57,9 +57,9 @@ class Thresholds(BaseModel):
 # (at most 0.45; measured on the trained test model at 8da4w, groups of 32 and 128, every greedy
 # token kept), while broken runtimes (gibberish) move them by several nats and agree on almost no
 # token.
-EXACT = Thresholds(min_top1_agreement=0.95, max_abs_logprob_diff=0.01, max_mean_abs_logprob_diff=0.002, tie_margin=0.01)
-HALF = Thresholds(min_top1_agreement=0.9, max_abs_logprob_diff=0.25, max_mean_abs_logprob_diff=0.05, tie_margin=0.1)
-QUANTIZED = Thresholds(min_top1_agreement=0.6, max_mean_abs_logprob_diff=1.0, tie_margin=0.25)
+EXACT = ReferenceLimits(min_top1_agreement=0.95, max_abs_logprob_diff=0.01, max_mean_abs_logprob_diff=0.002, tie_margin=0.01)
+HALF = ReferenceLimits(min_top1_agreement=0.9, max_abs_logprob_diff=0.25, max_mean_abs_logprob_diff=0.05, tie_margin=0.1)
+QUANTIZED = ReferenceLimits(min_top1_agreement=0.6, max_mean_abs_logprob_diff=1.0, tie_margin=0.25)
 
 
 class ReferenceStep(BaseModel):
@@ -90,13 +90,13 @@ class ReferenceFile(BaseModel):
     weights_meaningful: bool
     quantization: str
     enforced: bool
-    thresholds: Thresholds
+    thresholds: ReferenceLimits
     prompts: list[ReferencePrompt]
 
     model_config = {"populate_by_name": True}
 
 
-def thresholds_for(scheme: str, quantized: bool, reference_dtype: str) -> Thresholds:
+def thresholds_for(scheme: str, quantized: bool, reference_dtype: str) -> ReferenceLimits:
     """The check's thresholds: for any weight below 16 bits (embeddings included), else by the
     linear scheme and the reference's dtype."""
     if quantized:

@@ -339,7 +339,7 @@ def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, location):
 
 
 def reference_of(bundle: Path, prompts: list[dict]) -> None:
-    from mobile_export.reference import ReferenceFile, Thresholds
+    from mobile_export.reference import ReferenceFile, ReferenceLimits
 
     reference = ReferenceFile(
         new_tokens=2,
@@ -348,7 +348,7 @@ def reference_of(bundle: Path, prompts: list[dict]) -> None:
         weights_meaningful=False,
         quantization="fp32",
         enforced=False,
-        thresholds=Thresholds(min_top1_agreement=0.5),
+        thresholds=ReferenceLimits(min_top1_agreement=0.5),
         prompts=prompts,
     )
     (bundle / REFERENCE_NAME).write_text(reference.model_dump_json(by_alias=True))

@@ -148,7 +148,7 @@ class Scenario(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class Thresholds(_Strict):
+class RegressionThresholds(_Strict):
     """Allowed change against a baseline, in percent of the baseline median (null: not checked).
 
     Throughputs regress when they drop by more; times, memory and size when they grow by more.
@@ -175,7 +175,7 @@ class Plan(_Strict):
     bundles: list[BundleSpec] = Field(min_length=1)
     devices: list[DeviceSpec] = Field(min_length=1)
     scenarios: list[Scenario] = Field(min_length=1)
-    thresholds: Thresholds = Field(default_factory=Thresholds)
+    thresholds: RegressionThresholds = Field(default_factory=RegressionThresholds)
 
     @field_validator("schema_version")
     @classmethod
@@ -280,7 +280,7 @@ def _model_at(loc: list, data):
         return Plan
     section = parent[0]
     if section == "thresholds":
-        return Thresholds
+        return RegressionThresholds
     if section == "scenarios":
         return Scenario
     if section == "devices" and len(parent) == 2:
