@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mobile_export.errors import UserError
+from mobile_export.stepping import teacher_forced
 
 StepFn = Callable[[list[int], int], torch.Tensor]
 
@@ -88,10 +89,7 @@ def iter_window_logits(step_or_runtime, token_ids: Sequence[int], window: int) -
         if logits_all is not None:
             yield logits_all(inputs, 0).reshape(len(inputs), -1).float()
             continue
-        rows = [step([inputs[0]], 0).reshape(-1).float()]
-        for pos in range(1, len(inputs)):
-            rows.append(step([inputs[pos]], pos).reshape(-1).float())
-        yield torch.stack(rows)
+        yield teacher_forced(step, inputs[:1], inputs[1:])
 
 
 def logits_over_text(step_or_runtime, token_ids: Sequence[int], window: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from mobile_export.errors import UserError, describe_validation_error
+from mobile_export.stepping import teacher_forced
 from mobile_export.verify import FIXED_PROMPTS
 
 REFERENCE_NAME = "reference.json"
@@ -246,16 +247,15 @@ def run_reference(step_or_runtime, reference: ReferenceFile) -> list[PromptOutpu
     step = step_or_runtime.step if hasattr(step_or_runtime, "step") else step_or_runtime
     outputs = []
     for prompt in reference.prompts:
-        logits = step(list(prompt.token_ids), 0)
+        if not prompt.steps:
+            outputs.append(PromptOutput(tokens=[], logprobs=[]))
+            continue
+        rows = teacher_forced(step, prompt.token_ids, prompt.greedy_tokens[: len(prompt.steps) - 1])
         tokens, logprobs = [], []
-        pos = len(prompt.token_ids)
-        for index, ref_step in enumerate(prompt.steps):
-            lp = torch.log_softmax(logits.reshape(-1).double(), dim=-1)
+        for row, ref_step in zip(rows, prompt.steps, strict=True):
+            lp = torch.log_softmax(row.double(), dim=-1)
             tokens.append(int(lp.argmax()))
             logprobs.append([round(float(lp[i]), 5) for i in ref_step.top_ids])
-            if index + 1 < len(prompt.steps):
-                logits = step([prompt.greedy_tokens[index]], pos)
-                pos += 1
         outputs.append(PromptOutput(tokens=tokens, logprobs=logprobs))
     return outputs
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mobile_export.errors import VerificationError
+from mobile_export.stepping import StepFn, teacher_forced
 
 FIXED_PROMPTS: tuple[str, ...] = (
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
@@ -47,7 +48,6 @@ FIXED_PROMPTS: tuple[str, ...] = (
 PREFILL_TOKENS = 12
 DECODE_STEPS = 6
 
-StepFn = Callable[[list[int], int], torch.Tensor]
 
 
 @dataclass
@@ -125,14 +125,7 @@ def reference_logits(model: torch.nn.Module, sequences: list[list[int]]) -> list
 
 def stepped_logits(step: StepFn, sequences: list[list[int]]) -> list[torch.Tensor]:
     """Logits from a cached model stepped like a runner: one prefill call, then one token per call."""
-    outputs = []
-    for seq in sequences:
-        n = prefill_length(seq)
-        rows = [step(list(seq[:n]), 0)]
-        for pos in range(n, len(seq)):
-            rows.append(step([seq[pos]], pos))
-        outputs.append(torch.stack([r.reshape(-1).float() for r in rows]))
-    return outputs
+    return [teacher_forced(step, seq[: prefill_length(seq)], seq[prefill_length(seq) :]) for seq in sequences]
 
 
 def compare(
