@@ -35,6 +35,7 @@ import torch
 
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
+from mobile_export.quantize import ALGORITHMS
 from mobile_export.recipes import QuantSettings
 from mobile_export.targets import (
     COREML_OPTIONS,
@@ -166,6 +167,12 @@ class CoreMLBackend(Backend):
     artifact_file = "model.mlpackage"
     artifact_format = "coreml-mlpackage"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
+    order = 2
+    target_rank = {"ios": 1}
+    quant_algos = ALGORITHMS  # hqq, and --keep-8bit, through integers chosen in torch
+    rotates = True
+    torch_grid = True
+    per_layer_bits = True
     attention = "portable"
     quantizes_in_torch = False
     weight_dtype = torch.float16
