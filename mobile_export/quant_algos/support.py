@@ -52,12 +52,12 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
             hint="its embedding table is quantized by the converter with --group-size",
         )
     torch_chosen = spec.algo in CALIBRATED or (spec.algo == "hqq" and backend.torch_grid)
-    if torch_chosen and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+    if torch_chosen and not backend.takes_torch_integers(spec.scheme):
         raise UserError(
             f"--quant-algo {spec.algo} is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 or int8 with it, or --quant-algo rtn",
         )
-    if spec.keep_8bit and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+    if spec.keep_8bit and not backend.takes_torch_integers(spec.scheme):
         raise UserError(
             f"--keep-8bit is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 with it, or leave out --keep-8bit",

@@ -128,6 +128,12 @@ class Backend(ABC):
         return cls.quantizes_in_torch or cls.per_layer_bits
 
     @classmethod
+    def takes_torch_integers(cls, scheme: str) -> bool:
+        """Whether integers chosen in torch (gptq, awq, hqq on a torch grid, 8-bit layers) reach
+        the artifact with ``scheme``: always when torch quantizes, else only for int4 and int8."""
+        return cls.quantizes_in_torch or scheme in ("int4", "int8")
+
+    @classmethod
     def embedding_groups(cls) -> bool:
         """Whether --embedding-group-size applies with this backend."""
         return cls.quantizes_in_torch or cls.own_embedding_groups
