@@ -38,15 +38,36 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+class _RegistryHelp(click.Option):
+    """An option whose help text lists what the backend registry holds, built only when help is
+    shown (the registry imports every backend, too slow for every start)."""
+
+    def __init__(self, *args, help_from, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._help_from = help_from
+
+    def get_help_record(self, ctx):
+        self.help = self._help_from()  # each time: the registry is the one source
+        return super().get_help_record(ctx)
+
+
+def _backend_help() -> str:
+    from mobile_export.targets import backends_help
+
+    return f"Backend (default from the recipe): {backends_help()}."
+
+
+def _quant_help() -> str:
+    from mobile_export.targets import schemes_help
+
+    return f"Weight quantization (default from the recipe): {schemes_help()}."
+
+
 @main.command()
 @click.argument("recipe", required=False)
 @click.option("--target", "-t", required=True, help="Platform: android or ios.")
-@click.option("--backend", help="Backend (default from the recipe): xnnpack, coreml, coreml-executorch or onnx.")
-@click.option(
-    "--quant",
-    help="Weight quantization (default from the recipe): xnnpack fp32|8da4w|int8; "
-    "coreml fp16|int4|int8|palettize4|palettize6; coreml-executorch fp32|int4|int8; onnx fp32|fp16|int4|int8.",
-)
+@click.option("--backend", cls=_RegistryHelp, help_from=_backend_help)
+@click.option("--quant", cls=_RegistryHelp, help_from=_quant_help)
 @click.option("--group-size", type=int, help="Group (block) size for 8da4w, int4 and int4 embeddings: 32, 64 or 128.")
 @click.option("--embedding-quant", help="Embedding quantization: none, int8 or int4.")
 @click.option("--embedding-group-size", type=int, help="Columns per scale of an int4 embedding (default: --group-size).")

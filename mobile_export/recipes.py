@@ -21,12 +21,6 @@ from mobile_export.errors import UserError, describe_validation_error
 from mobile_export.preflight import model_config_problem
 
 TARGETS: tuple[str, ...] = ("android", "ios")
-# Backends a target can name, in preference order. Which of them this version can build is
-# decided by the backend registry (mobile_export.targets), not here.
-TARGET_BACKENDS: dict[str, tuple[str, ...]] = {
-    "android": ("xnnpack", "onnx"),
-    "ios": ("coreml", "coreml-executorch", "xnnpack", "onnx"),
-}
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_CONTEXT_LENGTH = 2048
 
@@ -114,8 +108,12 @@ class Recipe(_Strict):
             if target not in TARGETS:
                 raise ValueError(f"unknown target '{target}'; expected one of {', '.join(TARGETS)}")
             for backend in (settings.backend, *(settings.backend_quant or {})):
-                if backend not in TARGET_BACKENDS[target]:
-                    known = ", ".join(TARGET_BACKENDS[target])
+                # the backends a target can name, in preference order, come from the registry
+                # (imported here: the backend modules import this one)
+                from mobile_export.targets import target_backends
+
+                if backend not in target_backends(target):
+                    known = ", ".join(target_backends(target))
                     raise ValueError(f"backend '{backend}' is not valid for {target}; expected one of {known}")
         return value
 

@@ -161,15 +161,19 @@ def spec_for_bundle(quantization: dict, backend: str) -> tuple[QuantSpec, list[s
         algo = "rtn"
     if quantization.get("rotate"):
         notes.append("without the bundle's rotation")
-    if backend != "xnnpack":
+    from mobile_export.targets import backend_class
+
+    backend_cls = backend_class(str(backend))
+    exact = backend_cls is not None and backend_cls.exact_eager_stand_in
+    if not exact:
         notes.append(f"{backend}'s weights stood in for by torchao's weight-only {scheme}")
     embedding = str(quantization.get("embedding") or "none").split()[0]  # "int4 (shared with the LM head)"
-    embedding_groups = quantization.get("embedding_group_size") if backend == "xnnpack" else None
+    embedding_groups = quantization.get("embedding_group_size") if exact else None
     spec = QuantSpec(
         scheme=scheme,
         group_size=int(quantization.get("group_size") or 32),
         embedding=embedding,
-        weight_only=backend != "xnnpack",
+        weight_only=not exact,
         algo=algo,
         embedding_group_size=int(embedding_groups) if embedding_groups and embedding == "int4" else None,
     )

@@ -8,7 +8,6 @@ from torch import nn
 
 from mobile_export.errors import UserError
 from mobile_export.quantize import (
-    ALGORITHMS,
     CALIBRATED,
     LINEAR_NAME_EXAMPLES,
     QuantSpec,
@@ -16,58 +15,49 @@ from mobile_export.quantize import (
     projection_parts,
 )
 
-BACKEND_ALGOS: dict[str, tuple[str, ...]] = {
-    "xnnpack": ALGORITHMS,
-    "coreml-executorch": ALGORITHMS,
-    "coreml": ALGORITHMS,  # hqq, and --keep-8bit, through integers chosen in torch
-    "onnx": ("rtn", "hqq"),  # ONNX Runtime's MatMulNBitsQuantizer (default RTN, HQQ)
-}
-ALGO_HINTS: dict[str, str] = {
-    "onnx": "ONNX Runtime's quantizer offers rtn and hqq here; use --quant-algo rtn or hqq",
-}
-ROTATE_BACKENDS: tuple[str, ...] = ("xnnpack", "coreml", "coreml-executorch")
-# converters that can store integers chosen in torch (coremltools' compression-info buffers): with
-# hqq or --keep-8bit, torch picks every integer and scale instead of the converter's round-to-nearest
+# What each backend takes (algorithms, rotation, keep-8bit, per-layer groups) is declared on its
+# class in mobile_export.targets; the checks below read those declarations.
+# Kept only for quant_algos/pipeline.py (being restructured elsewhere): the backends whose
+# ``torch_grid`` is true; move that read to ``backend.torch_grid`` and delete this.
 TORCH_GRID_BACKENDS: tuple[str, ...] = ("coreml",)
-# converters that quantize layer by layer, so each layer can take its own bits (and, onnx, its own
-# groups): ONNX Runtime's quantizer runs once per (bits, block size), on the nodes that take them
-PER_LAYER_BACKENDS: tuple[str, ...] = (*TORCH_GRID_BACKENDS, "onnx")
-GROUP_PATTERN_BACKENDS: tuple[str, ...] = ("onnx",)
 
 
 def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
     """Refuse, before any heavy work, an algorithm, rotation or 8-bit rule the backend cannot take,
     and a calibrated algorithm without calibration text."""
-    algos = getattr(backend, "quant_algos", None) or BACKEND_ALGOS.get(backend.name, ("rtn",))
+    algos = backend.quant_algos
     if spec.algo not in algos:
         raise UserError(
             f"--quant-algo {spec.algo} is not available for backend {backend.name}",
-            hint=ALGO_HINTS.get(backend.name, "available: " + ", ".join(algos)),
+            hint=backend.algo_hint or "available: " + ", ".join(algos),
         )
-    if spec.rotate and backend.name not in ROTATE_BACKENDS:
+    if spec.rotate and not backend.rotates:
         raise UserError(f"--rotate is not available for backend {backend.name}", hint="leave out --rotate")
-    if spec.keep_8bit and not (backend.quantizes_in_torch or backend.name in PER_LAYER_BACKENDS):
+    if spec.keep_8bit and not backend.keeps_8bit():
         raise UserError(
             f"--keep-8bit is not available for backend {backend.name}",
             hint="its compression is applied by the converter to every layer alike",
         )
-    if spec.group_sizes and backend.name not in GROUP_PATTERN_BACKENDS:
+    if spec.group_sizes and not backend.group_patterns:
+        from mobile_export.targets import backend_classes
+
+        able = [cls.name for cls in backend_classes() if cls.group_patterns]
         raise UserError(
             f"--group-size-for is not available for backend {backend.name}",
-            hint="available for: " + ", ".join(GROUP_PATTERN_BACKENDS) + "; use --group-size for every layer",
+            hint="available for: " + ", ".join(able) + "; use --group-size for every layer",
         )
-    if spec.embedding_group_size is not None and not (backend.quantizes_in_torch or backend.name == "onnx"):
+    if spec.embedding_group_size is not None and not backend.embedding_groups():
         raise UserError(
             f"--embedding-group-size is not available for backend {backend.name}",
             hint="its embedding table is quantized by the converter with --group-size",
         )
-    torch_chosen = spec.algo in CALIBRATED or (spec.algo == "hqq" and backend.name in TORCH_GRID_BACKENDS)
-    if torch_chosen and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+    torch_chosen = spec.algo in CALIBRATED or (spec.algo == "hqq" and backend.torch_grid)
+    if torch_chosen and not backend.takes_torch_integers(spec.scheme):
         raise UserError(
             f"--quant-algo {spec.algo} is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 or int8 with it, or --quant-algo rtn",
         )
-    if spec.keep_8bit and not backend.quantizes_in_torch and spec.scheme not in ("int4", "int8"):
+    if spec.keep_8bit and not backend.takes_torch_integers(spec.scheme):
         raise UserError(
             f"--keep-8bit is not available for {backend.name} {spec.scheme}",
             hint="use --quant int4 with it, or leave out --keep-8bit",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,9 @@ import torch
 from mobile_export.errors import UserError
 
 _REGISTRY: dict[str, type[Backend]] = {}
-# Modules that register backends; imported on first lookup so `--help` stays fast.
-_BACKEND_MODULES = (
-    "mobile_export.targets.xnnpack",
-    "mobile_export.targets.coreml",
-    "mobile_export.targets.coreml_executorch",
-    "mobile_export.targets.onnx",
-)
+# Every module of this package is imported on the first lookup (not at import time, so
+# `mobile-export --help` stays fast); a module registers its backends with @register.
+_loaded = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +162,34 @@ class Backend(ABC):
     keeps_model: bool = False  # verify() needs the eager decoder after export
     weight_only: bool = False  # int8 means weight-only (no dynamic activation quantization)
     option_names: tuple[str, ...] = ()  # the BackendOptions fields this backend takes
+    # What the command line, recipes and pre-flight checks derive from the registry:
+    order: int = 100  # place in listings (--backend help, --quant help)
+    target_rank: dict[str, int] = {}  # per target: lower = preferred when a target lists backends
+    embeddings: tuple[str, ...] = ("none", "int8", "int4")  # embedding schemes it accepts
+    quant_algos: tuple[str, ...] = ("rtn",)  # --quant-algo values it takes
+    algo_hint: str | None = None  # hint shown when --quant-algo is refused (default: the list)
+    rotates: bool = False  # takes --rotate (weights rotated in torch before export)
+    torch_grid: bool = False  # the converter stores integers chosen in torch (hqq, --keep-8bit)
+    per_layer_bits: bool = False  # the converter quantizes layer by layer (each layer its own bits)
+    group_patterns: bool = False  # takes --group-size-for (per-layer group sizes)
+    own_embedding_groups: bool = False  # takes --embedding-group-size though it quantizes after conversion
+    exact_eager_stand_in: bool = False  # torchao's eager model is exactly its quantization (sensitivity)
+
+    @classmethod
+    def keeps_8bit(cls) -> bool:
+        """Whether --keep-8bit layers can stay 8-bit with this backend."""
+        return cls.quantizes_in_torch or cls.per_layer_bits
+
+    @classmethod
+    def takes_torch_integers(cls, scheme: str) -> bool:
+        """Whether integers chosen in torch (gptq, awq, hqq on a torch grid, 8-bit layers) reach
+        the artifact with ``scheme``: always when torch quantizes, else only for int4 and int8."""
+        return cls.quantizes_in_torch or scheme in ("int4", "int8")
+
+    @classmethod
+    def embedding_groups(cls) -> bool:
+        """Whether --embedding-group-size applies with this backend."""
+        return cls.quantizes_in_torch or cls.own_embedding_groups
 
     def check_options(self, options: BackendOptions, spec) -> BackendOptions:
         """Validate and fill in backend options; refuses options meant for other backends."""
@@ -233,14 +258,49 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def _load_all() -> None:
-    for module in _BACKEND_MODULES:
-        importlib.import_module(module)
+    """Import every module of this package once (each registers its own backends)."""
+    global _loaded
+    if _loaded:
+        return
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if not module.startswith("_"):
+            importlib.import_module(f"{__name__}.{module}")
+    _loaded = True
 
 
 def available() -> list[str]:
     """Names of the registered backends."""
     _load_all()
     return sorted(_REGISTRY)
+
+
+def backend_classes() -> list[type[Backend]]:
+    """The registered backend classes in listing order."""
+    _load_all()
+    return sorted(_REGISTRY.values(), key=lambda cls: (cls.order, cls.name))
+
+
+def backend_class(name: str) -> type[Backend] | None:
+    """A registered backend class by name, or None."""
+    _load_all()
+    return _REGISTRY.get(name)
+
+
+def target_backends(target: str) -> tuple[str, ...]:
+    """Backends that build for ``target``, in preference order."""
+    able = [cls for cls in backend_classes() if target in cls.targets]
+    return tuple(cls.name for cls in sorted(able, key=lambda cls: cls.target_rank.get(target, 100)))
+
+
+def backends_help() -> str:
+    """The backend names as a sentence: 'a, b, c or d'."""
+    names = [cls.name for cls in backend_classes()]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def schemes_help() -> str:
+    """Each backend's schemes: 'xnnpack fp32|8da4w|int8; coreml fp16|...'."""
+    return "; ".join(f"{cls.name} {'|'.join(cls.schemes)}" for cls in backend_classes())
 
 
 def get_backend(name: str) -> Backend:

@@ -29,6 +29,7 @@ import torch
 
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
+from mobile_export.quantize import ALGORITHMS
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.coreml import CoreMLRuntime, import_coremltools, quiet_coremltools, state_name
 from mobile_export.targets import (
@@ -130,6 +131,12 @@ class CoreMLBackend(Backend):
     artifact_file = "model.mlpackage"
     artifact_format = "coreml-mlpackage"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
+    order = 2
+    target_rank = {"ios": 1}
+    quant_algos = ALGORITHMS  # hqq, and --keep-8bit, through integers chosen in torch
+    rotates = True
+    torch_grid = True
+    per_layer_bits = True
     attention = "portable"
     quantizes_in_torch = False
     weight_dtype = torch.float16

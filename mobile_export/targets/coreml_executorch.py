@@ -21,6 +21,7 @@ import torch
 
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
+from mobile_export.quantize import ALGORITHMS
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
 from mobile_export.targets import (
@@ -51,6 +52,10 @@ class CoreMLExecuTorchBackend(Backend):
     artifact_format = "executorch-pte"
     delegate = "CoreMLBackend"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="none")
+    order = 3
+    target_rank = {"ios": 2}
+    quant_algos = ALGORITHMS
+    rotates = True
     attention = "portable"
     keeps_model = True
     option_names = COREML_OPTIONS

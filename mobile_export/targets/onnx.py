@@ -66,6 +66,13 @@ class OnnxBackend(Backend):
     artifact_file = "model.onnx"
     artifact_format = "onnxruntime-genai"
     default_quant = QuantSettings(scheme="int4", group_size=32, embedding="int4")
+    order = 4
+    target_rank = {"android": 2, "ios": 4}
+    quant_algos = ("rtn", "hqq")  # ONNX Runtime's MatMulNBitsQuantizer (default RTN, HQQ)
+    algo_hint = "ONNX Runtime's quantizer offers rtn and hqq here; use --quant-algo rtn or hqq"
+    per_layer_bits = True
+    group_patterns = True
+    own_embedding_groups = True
     attention = "onnx"
     quantizes_in_torch = False
     weight_dtype = torch.float32

@@ -17,6 +17,7 @@ import torch
 
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
+from mobile_export.quantize import ALGORITHMS
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchRuntime
 from mobile_export.targets import Backend, ExportedArtifact, ExportInfo, Verification, VerifyContext, register
@@ -138,6 +139,11 @@ class XnnpackBackend(Backend):
     artifact_file = "model.pte"
     artifact_format = "executorch-pte"
     default_quant = QuantSettings(scheme="8da4w", group_size=32, embedding="int8")
+    order = 1
+    target_rank = {"android": 1, "ios": 3}
+    quant_algos = ALGORITHMS
+    rotates = True
+    exact_eager_stand_in = True
 
     def export(self, model, info: ExportInfo, out_dir: Path, ui) -> ExportedArtifact:
         """Export, lower and write ``model.pte``; the model's weights are released on the way."""
