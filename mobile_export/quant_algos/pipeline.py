@@ -59,7 +59,7 @@ from mobile_export.quant_algos.rotation import (
     rotate_head,
     rotate_layer,
 )
-from mobile_export.quant_algos.support import TORCH_GRID_BACKENDS, check_keep_patterns, linear_names
+from mobile_export.quant_algos.support import check_keep_patterns, linear_names
 from mobile_export.quantize import (
     CALIBRATED,
     QuantReport,
@@ -129,7 +129,7 @@ def quantize_decoder(
     check_keep_patterns(decoder, spec)
     ctx = AlgoContext(spec=spec, report=report, keep=keep, torch_quant=torch_quant)
     ctx.torch_grid = (
-        backend.name in TORCH_GRID_BACKENDS
+        backend.torch_grid
         and spec.scheme in ("int4", "int8")
         and spec.algo not in CALIBRATED
         and (spec.algo == "hqq" or bool(spec.keep_8bit))

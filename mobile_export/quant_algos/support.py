@@ -17,9 +17,6 @@ from mobile_export.quantize import (
 
 # What each backend takes (algorithms, rotation, keep-8bit, per-layer groups) is declared on its
 # class in mobile_export.targets; the checks below read those declarations.
-# Kept only for quant_algos/pipeline.py (being restructured elsewhere): the backends whose
-# ``torch_grid`` is true; move that read to ``backend.torch_grid`` and delete this.
-TORCH_GRID_BACKENDS: tuple[str, ...] = ("coreml",)
 
 
 def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
