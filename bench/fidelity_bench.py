@@ -104,13 +104,13 @@ def coreml_package_fidelity(bundle: Path, model_path: Path, text: Path, max_toke
     import torch
     import transformers
 
+    from mobile_export.backends import get_backend
+    from mobile_export.backends.coreml_checks import load_package_weights, read_package
     from mobile_export.build import convert
     from mobile_export.bundle import read_checked_manifest as open_bundle
     from mobile_export.console import StepUI
     from mobile_export.fidelity import eager_reference, evaluate_runtime
     from mobile_export.quantize import QuantSpec
-    from mobile_export.targets import get_backend
-    from mobile_export.targets.coreml_checks import load_package_weights, read_package
 
     manifest = open_bundle(bundle)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundle))

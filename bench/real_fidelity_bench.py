@@ -125,13 +125,13 @@ def estimated_bytes(decoder, spec) -> int:
 def eager_row(name: str, fields: dict, model_path: Path, refs: dict, calib: Path | None) -> dict:
     from transformers import AutoTokenizer
 
+    from mobile_export.backends import get_backend
     from mobile_export.build import convert
     from mobile_export.console import StepUI
     from mobile_export.fidelity import accumulate_windows
     from mobile_export.memory import release_memory
     from mobile_export.quant_algos.calibration import load_calibration
     from mobile_export.quantize import QuantSpec
-    from mobile_export.targets import get_backend
 
     spec = QuantSpec(**{"scheme": "8da4w", "embedding": "int8", **fields})
     backend = get_backend("xnnpack")

@@ -52,13 +52,13 @@ class _RegistryHelp(click.Option):
 
 
 def _backend_help() -> str:
-    from mobile_export.targets import backends_help
+    from mobile_export.backends import backends_help
 
     return f"Backend (default from the recipe): {backends_help()}."
 
 
 def _quant_help() -> str:
-    from mobile_export.targets import schemes_help
+    from mobile_export.backends import schemes_help
 
     return f"Weight quantization (default from the recipe): {schemes_help()}."
 

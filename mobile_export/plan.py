@@ -22,7 +22,7 @@ from mobile_export.recipes import Recipe, TargetSettings, load_recipe, recipe_fr
 from mobile_export.sources import SourceOptions
 
 if TYPE_CHECKING:
-    from mobile_export.targets import Backend, BackendOptions
+    from mobile_export.backends import Backend, BackendOptions
 
 
 @dataclass
@@ -135,8 +135,8 @@ def resolve_plan(request: BuildRequest, recipe: Recipe) -> BuildPlan:
     Checks run in a fixed order, so the first problem a user sees does not depend on the
     caller: target, backend, scheme and algorithm, backend options, context length, KV budget.
     """
+    from mobile_export.backends import get_backend
     from mobile_export.bundle import bundle_name
-    from mobile_export.targets import get_backend
 
     settings = recipe.target(request.target)
     backend = get_backend(request.backend or settings.backend)
@@ -269,7 +269,7 @@ def check_kv_budget(recipe: Recipe, request: BuildRequest, max_seq_len: int, bac
 def backend_options(recipe: Recipe, request: BuildRequest, backend: Backend) -> BackendOptions:
     """Compute units and deployment target: command line first, then the recipe's target (whose
     values are for its own backend, so they are dropped when another backend takes no options)."""
-    from mobile_export.targets import BackendOptions
+    from mobile_export.backends import BackendOptions
 
     settings = recipe.target(request.target)
     onnx = {"opset": request.opset, "min_onnxruntime": request.min_onnxruntime}

@@ -110,7 +110,7 @@ class Recipe(_Strict):
             for backend in (settings.backend, *(settings.backend_quant or {})):
                 # the backends a target can name, in preference order, come from the registry
                 # (imported here: the backend modules import this one)
-                from mobile_export.targets import target_backends
+                from mobile_export.backends import target_backends
 
                 if backend not in target_backends(target):
                     known = ", ".join(target_backends(target))
@@ -190,8 +190,8 @@ def load_recipe_file(path: Path) -> Recipe:
 def check_schemes(recipe: Recipe, path: Path) -> None:
     """Refuse a quantization scheme its backend cannot do, naming the file, the key and the choices
     (the backend registry says what each backend can do)."""
+    from mobile_export.backends import get_backend
     from mobile_export.quantize import LINEAR_SCHEMES
-    from mobile_export.targets import get_backend
 
     for target, settings in recipe.targets.items():
         entries = [(settings.backend, settings.quant, f"targets.{target}.quant.scheme")]

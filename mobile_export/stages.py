@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mobile_export.backends import ExportedArtifact, ExportInfo, Verification, VerifyContext
 from mobile_export.bundle import TensorSpec, check_destination, write_manifest, write_zip
 from mobile_export.chat import stop_ids, write_template_to_tokenizer_config
 from mobile_export.console import StepUI
@@ -29,7 +30,6 @@ from mobile_export.quantize import CALIBRATED, QuantReport, QuantSpec
 from mobile_export.recipes import Recipe
 from mobile_export.reference import build_reference, write_reference
 from mobile_export.sources import Source, load_source
-from mobile_export.targets import ExportedArtifact, ExportInfo, Verification, VerifyContext
 from mobile_export.verify import Comparison, enforce, judge_fidelity, reference_logits, stepped_logits, token_sequences
 
 

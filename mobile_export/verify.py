@@ -180,7 +180,7 @@ def enforce(comparisons: list[Comparison], keep_anyway: bool) -> None:
 
 
 def standard_comparisons(got: list[torch.Tensor], ctx, subject: str = "") -> list[Comparison]:
-    """The comparisons every runnable artifact gets (``ctx`` is a targets.VerifyContext);
+    """The comparisons every runnable artifact gets (``ctx`` is a backends.VerifyContext);
     ``subject`` names what produced ``got`` when it is not the artifact run directly.
 
     Quantized: lowering parity against the same quantized model run eagerly (when the

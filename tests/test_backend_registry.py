@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-import mobile_export.targets as targets
+import mobile_export.backends as backends
 from mobile_export.cli import main
 from mobile_export.errors import UserError
 from mobile_export.quant_algos.support import check_algorithm_support
@@ -17,7 +17,7 @@ from mobile_export.quantize import QuantSpec
 
 THROWAWAY = textwrap.dedent(
     """
-    from mobile_export.targets import Backend, register
+    from mobile_export.backends import Backend, register
 
 
     @register
@@ -46,17 +46,17 @@ THROWAWAY = textwrap.dedent(
 def throwaway(tmp_path, monkeypatch):
     """A backend module in a folder of its own, found by the registry's discovery."""
     (tmp_path / "throwaway_backend.py").write_text(THROWAWAY)
-    monkeypatch.setattr(targets, "__path__", [*targets.__path__, str(tmp_path)])
-    monkeypatch.setattr(targets, "_REGISTRY", dict(targets._REGISTRY))
-    monkeypatch.setattr(targets, "_loaded", False)
+    monkeypatch.setattr(backends, "__path__", [*backends.__path__, str(tmp_path)])
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_loaded", False)
     yield
-    sys.modules.pop("mobile_export.targets.throwaway_backend", None)
+    sys.modules.pop("mobile_export.backends.throwaway_backend", None)
 
 
 def test_registry_finds_the_four_backends_in_their_listing_order():
-    assert [cls.name for cls in targets.backend_classes()] == ["xnnpack", "coreml", "coreml-executorch", "onnx"]
-    assert targets.target_backends("android") == ("xnnpack", "onnx")
-    assert targets.target_backends("ios") == ("coreml", "coreml-executorch", "xnnpack", "onnx")
+    assert [cls.name for cls in backends.backend_classes()] == ["xnnpack", "coreml", "coreml-executorch", "onnx"]
+    assert backends.target_backends("android") == ("xnnpack", "onnx")
+    assert backends.target_backends("ios") == ("coreml", "coreml-executorch", "xnnpack", "onnx")
 
 
 def test_build_help_lists_backends_and_schemes_as_before():
@@ -69,15 +69,15 @@ def test_build_help_lists_backends_and_schemes_as_before():
 
 
 def test_one_module_adds_a_backend_everywhere(throwaway):
-    assert "throwaway" in targets.available()
-    assert targets.target_backends("android") == ("xnnpack", "onnx", "throwaway")
-    assert "throwaway" not in targets.target_backends("ios")
+    assert "throwaway" in backends.available()
+    assert backends.target_backends("android") == ("xnnpack", "onnx", "throwaway")
+    assert "throwaway" not in backends.target_backends("ios")
 
     out = CliRunner().invoke(main, ["build", "--help"], terminal_width=1000).output
     assert "coreml-executorch, onnx or throwaway." in out
     assert "onnx fp32|fp16|int4|int8; throwaway fp32|int8." in out
 
-    backend = targets.get_backend("throwaway")
+    backend = backends.get_backend("throwaway")
     backend.check("android", "int8")
     with pytest.raises(UserError, match="backend 'throwaway' cannot do quantization 'int4'"):
         backend.check("android", "int4")
@@ -99,7 +99,7 @@ def test_one_module_adds_a_backend_everywhere(throwaway):
 
 def test_an_unregistered_backend_is_still_refused_with_the_known_list(throwaway):
     with pytest.raises(UserError, match="unknown or unavailable backend 'throwawy'") as err:
-        targets.get_backend("throwawy")
+        backends.get_backend("throwawy")
     assert err.value.hint == (
         "available: coreml, coreml-executorch, onnx, throwaway, xnnpack; did you mean 'throwaway'?"
     )
@@ -142,6 +142,6 @@ def test_an_unregistered_backend_is_still_refused_with_the_known_list(throwaway)
 )
 def test_combination_errors_are_unchanged(name, spec, message, hint):
     with pytest.raises(UserError) as err:
-        check_algorithm_support(targets.get_backend(name), spec, None)
+        check_algorithm_support(backends.get_backend(name), spec, None)
     assert err.value.message == message
     assert err.value.hint == hint

@@ -16,6 +16,7 @@ import transformers
 from tiny_models import tiny_config, tiny_model
 
 from mobile_export import families
+from mobile_export.backends.genai_config import GENAI_TYPES, genai_config, genai_type
 from mobile_export.errors import UserError
 from mobile_export.families import ModelFamily, Window, all_families, family_of, get_family, model_types
 from mobile_export.modeling import (
@@ -28,7 +29,6 @@ from mobile_export.modeling import (
 )
 from mobile_export.modeling.norms import export_norm_of
 from mobile_export.quant_algos.rotation import ROTATABLE, check_rotatable
-from mobile_export.targets.genai_config import GENAI_TYPES, genai_config, genai_type
 
 FAMILIES = {family.model_type: family for family in all_families()}
 

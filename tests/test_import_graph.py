@@ -137,7 +137,7 @@ def test_the_run_side_does_not_import_the_backends():
         for name, targets in graph.items()
         if any(name == side or name.startswith(side + ".") for side in RUN_SIDE)
         for target in targets
-        if target == "mobile_export.targets" or target.startswith("mobile_export.targets.")
+        if target == "mobile_export.backends" or target.startswith("mobile_export.backends.")
     }
     assert not offenders, sorted(offenders)
 

@@ -34,7 +34,7 @@ def _build(folder, out, *extra: str):
 
 
 def _read_package(bundle):
-    from mobile_export.targets.coreml_checks import describe_weight, read_package
+    from mobile_export.backends.coreml_checks import describe_weight, read_package
 
     package = read_package(bundle / "model.mlpackage")
     storage = {}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from mobile_export.backends import ExportedArtifact, available, get_backend
 from mobile_export.errors import UserError
 from mobile_export.plan import BuildPlan, BuildRequest, resolve_plan, resolve_recipe
-from mobile_export.targets import ExportedArtifact, available, get_backend
 
 
 def plan_for(**request) -> BuildPlan:
@@ -88,10 +88,10 @@ def test_backends_keep_no_state_between_export_and_verify(name):
 def test_stages_hand_the_artifact_from_export_to_verify_and_into_the_manifest(tmp_path):
     """The fixed stages with a stand-in backend: verify() gets exactly what export() returned, and
     the manifest's artifact, quantization, min_os and verification sections come from it."""
+    from mobile_export.backends import Verification
+    from mobile_export.backends.onnx import OnnxBackend
     from mobile_export.build import build_plan
     from mobile_export.console import StepUI
-    from mobile_export.targets import Verification
-    from mobile_export.targets.onnx import OnnxBackend
 
     seen = {}
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from tiny_models import tiny_model, write_model_dir
 from torch import nn
 
+from mobile_export.backends import get_backend
 from mobile_export.build import convert
 from mobile_export.cli import main
 from mobile_export.console import StepUI
@@ -22,7 +23,6 @@ from mobile_export.quant_algos.grid import dequantize_grouped, group_scales, ins
 from mobile_export.quant_algos.pipeline import Stage, _fold
 from mobile_export.quant_algos.rotation import hadamard, orthogonal
 from mobile_export.quantize import QuantReport, QuantSpec, keep_8bit_matcher, quantize_module
-from mobile_export.targets import get_backend
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -279,8 +279,8 @@ def test_coreml_converter_stores_our_integers_and_scales():
     exactly those int4 values and (fp16) scales instead of re-quantizing."""
     import numpy as np
 
+    from mobile_export.backends.coreml import import_coremltools, quiet_coremltools
     from mobile_export.quant_algos.grid import attach_coreml_quantization
-    from mobile_export.targets.coreml import import_coremltools, quiet_coremltools
 
     ct = import_coremltools()
     torch.manual_seed(0)

@@ -92,12 +92,12 @@ def test_gptq_cuts_kl_on_the_trained_model(trained_model, texts, builds):
     on the .pte (the builds' manifests, same text) GPTQ is below HQQ."""
     import transformers
 
+    from mobile_export.backends import get_backend
     from mobile_export.build import convert
     from mobile_export.console import StepUI
     from mobile_export.fidelity import eager_reference, evaluate_runtime
     from mobile_export.quant_algos.calibration import load_calibration
     from mobile_export.quantize import QuantSpec
-    from mobile_export.targets import get_backend
 
     calib, heldout = texts
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(trained_model))

@@ -36,11 +36,11 @@ def test_broken_lowering_fails_the_checks(smollm2_dir):
     fp32 values (see ``_dequantize_linears``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mobile_export.backends import get_backend
     from mobile_export.build import convert
     from mobile_export.console import StepUI
     from mobile_export.fidelity import build_eval_reference, evaluate_runtime
     from mobile_export.quantize import QuantSpec
-    from mobile_export.targets import get_backend
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, trust_remote_code=False)

@@ -10,12 +10,12 @@ import yaml
 from click.testing import CliRunner
 
 from mobile_export import recipes as recipes_module
+from mobile_export.backends import get_backend
 from mobile_export.cli import main
 from mobile_export.errors import UserError
 from mobile_export.modeling import SUPPORTED_MODEL_TYPES
 from mobile_export.quantize import QuantSpec
 from mobile_export.recipes import Recipe, all_recipes, builtin_names, load_recipe, load_recipe_file, recipes_dir
-from mobile_export.targets import get_backend
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -145,8 +145,8 @@ def test_streamer_holds_back_partial_utf8():
 
 
 def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):
+    from mobile_export.backends.xnnpack import XnnpackBackend
     from mobile_export.cli import main
-    from mobile_export.targets.xnnpack import XnnpackBackend
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -161,7 +161,7 @@ def spec_for_bundle(quantization: dict, backend: str) -> tuple[QuantSpec, list[s
         algo = "rtn"
     if quantization.get("rotate"):
         notes.append("without the bundle's rotation")
-    from mobile_export.targets import backend_class
+    from mobile_export.backends import backend_class
 
     backend_cls = backend_class(str(backend))
     exact = backend_cls is not None and backend_cls.exact_eager_stand_in

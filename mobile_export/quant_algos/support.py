@@ -16,7 +16,7 @@ from mobile_export.quantize import (
 )
 
 # What each backend takes (algorithms, rotation, keep-8bit, per-layer groups) is declared on its
-# class in mobile_export.targets; the checks below read those declarations.
+# class in mobile_export.backends; the checks below read those declarations.
 
 
 def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
@@ -36,7 +36,7 @@ def check_algorithm_support(backend, spec: QuantSpec, calib_text) -> None:
             hint="its compression is applied by the converter to every layer alike",
         )
     if spec.group_sizes and not backend.group_patterns:
-        from mobile_export.targets import backend_classes
+        from mobile_export.backends import backend_classes
 
         able = [cls.name for cls in backend_classes() if cls.group_patterns]
         raise UserError(

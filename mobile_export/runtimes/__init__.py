@@ -3,7 +3,7 @@
 One interface, :class:`~mobile_export.runtimes.base.Runtime`; one loader per artifact format;
 and :func:`open_bundle`, which picks the loader by the manifest's ``artifact.format``. The run
 side (``run``, ``verify``, ``eval``, the host harness) opens bundles only through here, and
-nothing here imports the export side (:mod:`mobile_export.targets`).
+nothing here imports the export side (:mod:`mobile_export.backends`).
 """
 
 from __future__ import annotations

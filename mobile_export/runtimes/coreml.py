@@ -1,7 +1,7 @@
 """Core ML's runtime (macOS 15+ only): load a stateful .mlpackage and step it like a runner.
 
 This module also owns the package's calling convention, which the Core ML backend
-(:mod:`mobile_export.targets.coreml`) builds to: inputs ``input_ids`` (int32) and ``causal_mask``
+(:mod:`mobile_export.backends.coreml`) builds to: inputs ``input_ids`` (int32) and ``causal_mask``
 (fp16 additive, see :func:`causal_mask`), output ``logits``, one fp16 state per layer and kind
 named by :func:`state_name`; and how coremltools is imported quietly (both sides need it).
 """

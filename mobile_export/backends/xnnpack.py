@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from mobile_export.backends import Backend, ExportedArtifact, ExportInfo, Verification, VerifyContext, register
 from mobile_export.memory import drop_weights, release_memory
 from mobile_export.modeling import dynamic_shapes, example_inputs
 from mobile_export.quantize import ALGORITHMS
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.executorch import ExecuTorchRuntime
-from mobile_export.targets import Backend, ExportedArtifact, ExportInfo, Verification, VerifyContext, register
 from mobile_export.verify import FIXED_PROMPTS, standard_comparisons, stepped_logits
 
 

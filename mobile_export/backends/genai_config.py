@@ -8,9 +8,9 @@ updates one preallocated cache of ``context_length`` in place, so decode never c
 
 from __future__ import annotations
 
+from mobile_export.backends.onnx_graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from mobile_export.errors import UserError
 from mobile_export.families import all_families, get_family
-from mobile_export.targets.onnx_graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 # transformers model_type → ONNX Runtime GenAI model type, from the family records
 # (mobile_export.families); a family without one is absent.
@@ -42,7 +42,7 @@ def genai_config(
     eos_ids: list[int],
     pad_id: int | None,
 ) -> dict:
-    """The config dict for a decoder exported by :mod:`mobile_export.targets.onnx_graph`."""
+    """The config dict for a decoder exported by :mod:`mobile_export.backends.onnx_graph`."""
     model: dict = {
         "type": genai_type(model_type),
         "context_length": context_length,

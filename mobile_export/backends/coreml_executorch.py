@@ -19,12 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mobile_export.errors import UserError
-from mobile_export.memory import release_memory
-from mobile_export.quantize import ALGORITHMS
-from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
-from mobile_export.targets import (
+from mobile_export.backends import (
     COREML_OPTIONS,
     Backend,
     BackendOptions,
@@ -34,8 +29,13 @@ from mobile_export.targets import (
     VerifyContext,
     register,
 )
-from mobile_export.targets.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend
-from mobile_export.targets.xnnpack import runner_metadata
+from mobile_export.backends.coreml import DEFAULT_COMPUTE_UNITS, CoreMLBackend
+from mobile_export.backends.xnnpack import runner_metadata
+from mobile_export.errors import UserError
+from mobile_export.memory import release_memory
+from mobile_export.quantize import ALGORITHMS
+from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.coreml import import_coremltools, quiet_coremltools
 from mobile_export.verify import standard_comparisons, stepped_logits
 
 DEQUANTIZE_OPS = ("dequantize_affine", "dequantize_per_channel_group", "dequantize_per_channel")

@@ -27,12 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mobile_export.errors import UserError
-from mobile_export.memory import release_memory
-from mobile_export.quantize import ALGORITHMS
-from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.coreml import CoreMLRuntime, import_coremltools, quiet_coremltools, state_name
-from mobile_export.targets import (
+from mobile_export.backends import (
     COREML_OPTIONS,
     Backend,
     BackendOptions,
@@ -42,7 +37,7 @@ from mobile_export.targets import (
     VerifyContext,
     register,
 )
-from mobile_export.targets.coreml_checks import (
+from mobile_export.backends.coreml_checks import (
     WEIGHT_THRESHOLD,
     check_compression,
     check_io,
@@ -50,6 +45,11 @@ from mobile_export.targets.coreml_checks import (
     load_package_weights,
     read_package,
 )
+from mobile_export.errors import UserError
+from mobile_export.memory import release_memory
+from mobile_export.quantize import ALGORITHMS
+from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.coreml import CoreMLRuntime, import_coremltools, quiet_coremltools, state_name
 from mobile_export.verify import FP16_WEIGHT_THRESHOLDS, compare, standard_comparisons, stepped_logits
 
 # The oldest iOS each feature needs; every package has state (the KV cache), hence 18.

@@ -7,7 +7,7 @@
   (``onnxscript.rewriter.ort_fusions``): RMSNorm → ``SimplifiedLayerNormalization``, residual
   add + RMSNorm → ``SkipSimplifiedLayerNormalization``, and the rest of its rule set. A rule that
   finds nothing leaves the graph as it was; the counts say which applied.
-- **Quantization**: :mod:`mobile_export.targets.onnx_quant`.
+- **Quantization**: :mod:`mobile_export.backends.onnx_quant`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The bundle is a folder ONNX Runtime GenAI's ``og.Model(folder)`` loads unchanged on Android,
 iOS and the host: ``model.onnx`` + ``model.onnx.data``, ``genai_config.json`` and the tokenizer.
-See :mod:`mobile_export.targets.onnx_graph` for export and fusions,
-:mod:`mobile_export.targets.onnx_quant` for quantization and :mod:`mobile_export.ort_attention`
+See :mod:`mobile_export.backends.onnx_graph` for export and fusions,
+:mod:`mobile_export.backends.onnx_quant` for quantization and :mod:`mobile_export.ort_attention`
 for the attention op.
 """
 
@@ -16,12 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mobile_export.errors import UserError
-from mobile_export.memory import drop_weights, release_memory
-from mobile_export.quantize import keep_8bit_matcher, projection_parts
-from mobile_export.recipes import QuantSettings
-from mobile_export.runtimes.onnx import OnnxRuntime, genai_generate
-from mobile_export.targets import (
+from mobile_export.backends import (
     Backend,
     BackendOptions,
     ExportedArtifact,
@@ -32,7 +27,12 @@ from mobile_export.targets import (
     onnx_quant,
     register,
 )
-from mobile_export.targets.genai_config import genai_config, genai_type
+from mobile_export.backends.genai_config import genai_config, genai_type
+from mobile_export.errors import UserError
+from mobile_export.memory import drop_weights, release_memory
+from mobile_export.quantize import keep_8bit_matcher, projection_parts
+from mobile_export.recipes import QuantSettings
+from mobile_export.runtimes.onnx import OnnxRuntime, genai_generate
 from mobile_export.verify import FIXED_PROMPTS, FP32_THRESHOLDS, compare, standard_comparisons, stepped_logits
 
 GENAI_CHECK_TOKENS = 8

@@ -13,8 +13,8 @@ import logging
 
 import torch
 
+from mobile_export.backends.onnx_graph import GraphReport
 from mobile_export.quantize import keep_8bit_matcher, linear_bits, linear_group, projection_parts
-from mobile_export.targets.onnx_graph import GraphReport
 
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (what ONNX Runtime GenAI's builder uses)
 
