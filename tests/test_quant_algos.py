@@ -20,7 +20,7 @@ from mobile_export.modeling import ExportableDecoder
 from mobile_export.quant_algos.calibration import DEFAULT_CALIBRATION_TEXT, load_calibration
 from mobile_export.quant_algos.gptq import Hessian, gptq_quantize
 from mobile_export.quant_algos.grid import dequantize_grouped, group_scales, install_weight, quantize_grouped
-from mobile_export.quant_algos.pipeline import Stage, _fold
+from mobile_export.quant_algos.layer_algos import Stage, _fold
 from mobile_export.quant_algos.rotation import hadamard, orthogonal
 from mobile_export.quantize import QuantReport, QuantSpec, keep_8bit_matcher, quantize_module
 
