@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -41,22 +42,22 @@ def _float_mask(allowed: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=torch.float32))
 
 
-class Masking:
+class Masking(ABC):
     """Which cached keys each query may see; ``delta`` is query position minus key position."""
 
     window: int | None = None
 
+    @abstractmethod
     def allowed(self, delta: torch.Tensor) -> torch.Tensor:
         """Boolean: may a query see a key ``delta`` positions back."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sdpa_mask(self, start_pos, seq: int, cache_len: int) -> tuple[torch.Tensor | None, bool]:
         """``(mask, is_causal)`` for ``llama.custom_sdpa`` over a cache of ``cache_len`` rows."""
-        raise NotImplementedError
 
+    @abstractmethod
     def restrict(self, mask: torch.Tensor, start_pos, seq: int, end_pos) -> torch.Tensor:
         """A causal additive mask [1, 1, T, end] (the caller's, or built) narrowed to this rule."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ looks it up once with :func:`attention_kind` and asks it, instead of comparing n
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -25,7 +26,7 @@ from mobile_export.modeling.attention_portable import PortableAttention
 from mobile_export.rope_tables import rope_frequencies
 
 
-class AttentionKind:
+class AttentionKind(ABC):
     """One way of attending, chosen once per decoder. ``rotary_dim``/``head_dim`` are the decoder's."""
 
     name: ClassVar[str]
@@ -35,7 +36,7 @@ class AttentionKind:
     def __init__(self, rotary_dim: int, head_dim: int):
         self.rotary_dim, self.head_dim = rotary_dim, head_dim
 
-    @classmethod
+    @classmethod  # noqa: B027 - a no-op is right for kinds that call no custom ops
     def load_ops(cls) -> None:
         """Register the torch ops this kind's layers call (before any layer is built)."""
 
@@ -47,13 +48,14 @@ class AttentionKind:
         """Further per-table buffers this kind reads, by name suffix."""
         return {}
 
+    @abstractmethod
     def make_layer(self, hf_attn: nn.Module, spec: AttentionSpec, max_seq_len: int, ctx: StepContext, index: int,
                    dtype: torch.dtype) -> nn.Module:  # fmt: skip
-        raise NotImplementedError
+        """The attention layer that replaces ``hf_attn`` in decoder layer ``index``."""
 
+    @abstractmethod
     def rope_inputs(self, decoder, key: str, start_pos, end_pos, seq: int) -> tuple:
         """The ``position_embeddings`` the layers reading table ``key`` get for this step."""
-        raise NotImplementedError
 
 
 class ExecuTorchAttentionKind(AttentionKind):
