@@ -47,14 +47,10 @@ class BundleEvaluation:
 
 
 def quant_label(manifest: Manifest) -> str:
-    """``scheme`` plus group size and algorithm when set, e.g. ``8da4w-g32``."""
-    quant = manifest.quantization
-    label = str(quant.get("scheme"))
-    if quant.get("group_size"):
-        label += f"-g{quant['group_size']}"
-    if quant.get("algorithm") not in (None, "rtn"):
-        label += f" {quant['algorithm']}"
-    return label
+    """The bundle's quantization as ``build`` names it, e.g. ``8da4w-g32 hqq + emb int4``."""
+    from mobile_export.quantize import QuantSpec
+
+    return QuantSpec.from_manifest(manifest.quantization).label
 
 
 @dataclass

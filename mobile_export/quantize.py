@@ -44,6 +44,16 @@ CALIBRATED: tuple[str, ...] = ("gptq", "awq")
 LINEAR_NAME_EXAMPLES = "lm_head, layers.0.self_attn.q_proj, layers.{last}.mlp.down_proj, embed_tokens"
 
 
+# How a manifest's ``quantization.embedding`` marks a table tied to the LM head (Core ML: one
+# weight, compressed as the head is); written and read only through the two functions below.
+SHARED_WITH_HEAD = " (shared with the LM head)"
+
+
+def embedding_entry(embedding: str, shared_with_head: bool) -> str:
+    """The manifest's ``quantization.embedding`` value."""
+    return embedding + SHARED_WITH_HEAD if shared_with_head else embedding
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize and how; validated on construction."""
@@ -106,6 +116,28 @@ class QuantSpec:
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise UserError(f"layer pattern '{pattern}' is not a valid regular expression: {exc}") from exc
+
+    @classmethod
+    def from_manifest(cls, quantization: dict) -> QuantSpec:
+        """The spec a bundle manifest's ``quantization`` section records (see
+        ``manifest.quantization_section``); a section no valid spec could write raises UserError."""
+        scheme = str(quantization.get("scheme"))
+        group_size = int(quantization.get("group_size") or 32)
+        embedding = str(quantization.get("embedding") or "none").removesuffix(SHARED_WITH_HEAD)
+        embedding_groups = quantization.get("embedding_group_size")
+        keep = quantization.get("keep_8bit") or {}
+        return cls(
+            scheme=scheme,
+            group_size=group_size,
+            embedding=embedding,
+            algo=str(quantization.get("algorithm") or "rtn"),
+            rotate=bool(quantization.get("rotate")),
+            keep_8bit=tuple(keep.get("patterns") or ()) if isinstance(keep, dict) else (),
+            embedding_group_size=(
+                int(embedding_groups) if embedding == "int4" and embedding_groups not in (None, group_size) else None
+            ),
+            group_sizes=tuple((str(p), int(n)) for p, n in (quantization.get("group_sizes") or {}).items()),
+        )
 
     @property
     def label(self) -> str:

@@ -93,7 +93,7 @@ def test_eval_fp32_equals_eager_and_8da4w_costs_something(bundles, eval_text, tr
     )
     assert result.exit_code == 0, result.output
     rows = {row["quantization"]: row for row in json.loads(result.stdout)["bundles"]}
-    fp32, quant = rows["fp32"], rows["8da4w-g128"]
+    fp32, quant = rows["fp32"], rows["8da4w-g128 + emb int4"]  # the label build gives the spec
     eager = _eager_perplexity(trained_model, eval_text.read_text(), 1024, 256)
     print(f"eager {eager:.4f}; fp32 {fp32}; 8da4w {quant}")
     assert fp32["status"] == "ok" and fp32["window"] == 256 and fp32["tokens"] == 4 * 255

@@ -47,7 +47,7 @@ from mobile_export.backends.coreml_checks import (
 )
 from mobile_export.errors import UserError
 from mobile_export.memory import release_memory
-from mobile_export.quantize import ALGORITHMS
+from mobile_export.quantize import ALGORITHMS, embedding_entry
 from mobile_export.recipes import QuantSettings
 from mobile_export.runtimes.coreml import CoreMLRuntime, import_coremltools, quiet_coremltools, state_name
 from mobile_export.verify import FP16_WEIGHT_THRESHOLDS, compare, standard_comparisons, stepped_logits
@@ -268,7 +268,7 @@ class CoreMLBackend(Backend):
         embedding = embedding_storage(info.spec, tied)
         facts = {
             "compiled": compiled,
-            "quantization": {"embedding": f"{embedding} (shared with the LM head)" if tied else embedding},
+            "quantization": {"embedding": embedding_entry(embedding, tied)},
             "file": self.artifact_file,
             "format": self.artifact_format,
             "compute_units": info.options.compute_units,

@@ -14,7 +14,7 @@ quantized by round-to-nearest (or HQQ for hqq bundles) and the table says so.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from mobile_export.errors import UserError
 from mobile_export.fidelity import Reference, accumulate_windows, iter_eager_logits
 from mobile_export.quantize import (
+    CALIBRATED,
     UNQUANTIZED,
     QuantReport,
     QuantSpec,
@@ -155,11 +156,12 @@ def spec_for_bundle(quantization: dict, backend: str) -> tuple[QuantSpec, list[s
             f"per-layer sensitivity has no eager stand-in for scheme {scheme}",
             hint="rank a bundle built with 8da4w, int4 or int8",
         )
-    algo = str(quantization.get("algorithm") or "rtn")
-    if algo in ("gptq", "awq"):
+    recorded = QuantSpec.from_manifest(quantization)
+    algo = recorded.algo
+    if algo in CALIBRATED:
         notes.append(f"groups quantized by round-to-nearest (the bundle used {algo}, which needs the whole model)")
         algo = "rtn"
-    if quantization.get("rotate"):
+    if recorded.rotate:
         notes.append("without the bundle's rotation")
     from mobile_export.backends import backend_class
 
@@ -167,15 +169,16 @@ def spec_for_bundle(quantization: dict, backend: str) -> tuple[QuantSpec, list[s
     exact = backend_cls is not None and backend_cls.exact_eager_stand_in
     if not exact:
         notes.append(f"{backend}'s weights stood in for by torchao's weight-only {scheme}")
-    embedding = str(quantization.get("embedding") or "none").split()[0]  # "int4 (shared with the LM head)"
-    embedding_groups = quantization.get("embedding_group_size") if exact else None
-    spec = QuantSpec(
-        scheme=scheme,
-        group_size=int(quantization.get("group_size") or 32),
-        embedding=embedding,
+    # Each group is ranked against the bundle's other layers at its own scheme: the bundle's
+    # 8-bit keeps and per-pattern group sizes are what the ranking is there to choose.
+    spec = replace(
+        recorded,
         weight_only=not exact,
         algo=algo,
-        embedding_group_size=int(embedding_groups) if embedding_groups and embedding == "int4" else None,
+        rotate=False,
+        keep_8bit=(),
+        group_sizes=(),
+        embedding_group_size=recorded.embedding_group_size if exact else None,
     )
     return spec, notes
 
