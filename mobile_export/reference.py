@@ -54,13 +54,15 @@ class ReferenceLimits(BaseModel):
 
 
 # fp32 artifacts agree with eager to ~1e-5 in log-probability (measured); fp16 compute or a bf16
-# reference to ~1e-2; 4-bit weights move the top-k log-probabilities by 0.06-0.11 nat on average
-# (at most 0.45; measured on the trained test model at 8da4w, groups of 32 and 128, every greedy
-# token kept), while broken runtimes (gibberish) move them by several nats and agree on almost no
-# token.
+# reference to ~1e-2. Quantized limits come from the real SmolLM2-135M-Instruct (the trained tiny
+# test model moves far less: 0.06-0.11 nat): healthy 4-bit builds move the reference's top-5
+# log-probabilities by 0.59-1.49 nat on average per prompt (8da4w g32 hqq, g128, the xnnpack and
+# onnx defaults) and agree on 69-94% of greedy steps; one group-off scale in every down_proj
+# moves them by 10.6-14.3 nat and agrees on none. The limits sit about 2x from the healthy
+# figures and 3x from the broken ones.
 EXACT = ReferenceLimits(min_top1_agreement=0.95, max_abs_logprob_diff=0.01, max_mean_abs_logprob_diff=0.002, tie_margin=0.01)
 HALF = ReferenceLimits(min_top1_agreement=0.9, max_abs_logprob_diff=0.25, max_mean_abs_logprob_diff=0.05, tie_margin=0.1)
-QUANTIZED = ReferenceLimits(min_top1_agreement=0.6, max_mean_abs_logprob_diff=1.0, tie_margin=0.25)
+QUANTIZED = ReferenceLimits(min_top1_agreement=0.4, max_mean_abs_logprob_diff=3.0, tie_margin=0.25)
 
 
 class ReferenceStep(BaseModel):
@@ -368,3 +370,20 @@ def verify_bundle(bundle: Path) -> tuple[ParityReport, dict]:
         "weights": manifest.model.weights,
     }
     return report, facts
+
+
+def check_artifact(path: Path, artifact: dict, reference: ReferenceFile) -> ParityReport | str:
+    """Run the written artifact (``artifact``: its manifest entry) in its host runtime against
+    ``reference``, as ``mobile-export verify`` will; the reason instead when it cannot run here."""
+    from mobile_export.memory import release_memory
+    from mobile_export.runtimes import open_artifact
+
+    try:
+        runtime = open_artifact(path, artifact)
+    except UserError as exc:
+        return exc.message
+    try:
+        return check_outputs(reference, run_reference(runtime, reference))
+    finally:
+        del runtime
+        release_memory()

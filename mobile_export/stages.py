@@ -28,7 +28,7 @@ from mobile_export.quant_algos.calibration import Calibration, load_calibration
 from mobile_export.quant_algos.pipeline import quantize_decoder
 from mobile_export.quantize import CALIBRATED, QuantReport, QuantSpec
 from mobile_export.recipes import Recipe
-from mobile_export.reference import build_reference, write_reference
+from mobile_export.reference import ReferenceFile, build_reference, write_reference
 from mobile_export.sources import Source, load_source
 from mobile_export.verify import Comparison, enforce, judge_fidelity, reference_logits, stepped_logits, token_sequences
 
@@ -55,7 +55,7 @@ class References:
     and the fidelity text's reference (None with ``--no-eval``)."""
 
     logits: list[torch.Tensor]
-    device_reference: dict
+    device_reference: ReferenceFile
     eval_text: object = None  # fidelity.EvalReference; released after the fidelity stage
 
 
@@ -272,12 +272,32 @@ def verify(
     for note in outcome.notes:
         ui.note(note)
     enforce(comparisons, plan.keep_unverified)
-    if outcome.failures and not plan.keep_unverified:
+    failures = [*outcome.failures, *check_reference(plan, refs, exported, stage, ui)]
+    if failures and not plan.keep_unverified:
         raise VerificationError(
-            f"verification failed: {outcome.failures[0]}",
+            f"verification failed: {failures[0]}",
             hint="nothing was written; pass --keep-unverified to write the bundle anyway",
         )
     return Verified(outcome=outcome, comparisons=comparisons)
+
+
+def check_reference(plan: BuildPlan, refs: References, exported: Exported, stage: Path, ui: StepUI) -> list[str]:
+    """The bundle's own ``reference.json`` check (what ``verify`` and the device harnesses run),
+    on the artifact in its host runtime where it runs here: a build never writes a bundle that
+    fails it. Returns the failures (none when not enforced or not runnable here)."""
+    from mobile_export.reference import check_artifact
+
+    artifact = exported.artifact
+    entry = {**artifact.manifest, "file": artifact.file, "format": artifact.format, "delegate": plan.backend.delegate}
+    report = check_artifact(artifact.path(stage), entry, refs.device_reference)
+    if isinstance(report, str):
+        ui.note(f"reference.json check: not run here ({report})")
+        return []
+    worst = min(p.top1_agreement for p in report.prompts) if report.prompts else 1.0
+    clean = all(p.passed for p in report.prompts)
+    status = "ok" if clean else ("FAILED" if report.enforced else "recorded, not enforced")
+    ui.note(f"reference.json check: greedy agreement >= {worst:.0%} on {len(report.prompts)} prompts [{status}]")
+    return [f"reference.json check: {line}" for line in report.failures] if report.enforced else []
 
 
 def fidelity(

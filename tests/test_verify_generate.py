@@ -156,3 +156,27 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert "interrupted: nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bundle_failing_its_own_reference_check_is_never_written(trained_model, tmp_path, monkeypatch):
+    """The build runs the bundle's reference.json check (what ``verify`` and the device harnesses
+    run) on the artifact in its host runtime: here the reference's log-probabilities are moved by
+    half a nat, far outside the fp32 limits, so the build fails and writes nothing."""
+    import mobile_export.stages as stages
+    from mobile_export.cli import main
+
+    original = stages.build_reference
+
+    def shifted(*args, **kwargs):
+        reference = original(*args, **kwargs)
+        for step in reference.prompts[1].steps:
+            step.top_logprobs = [value - 0.5 for value in step.top_logprobs]
+        return reference
+
+    monkeypatch.setattr(stages, "build_reference", shifted)
+    out = tmp_path / "dist"
+    args = ["build", "--model-path", str(trained_model), "-t", "android", "--backend", "onnx", "--quant", "fp32"]
+    result = CliRunner().invoke(main, [*args, "--embedding-quant", "none", "--no-eval", "-o", str(out)])
+    assert result.exit_code != 0
+    assert "verification failed: reference.json check: prompt 1: max |log-prob diff| 0.5 > 0.01" in result.output
+    assert not out.exists() or list(out.iterdir()) == []
