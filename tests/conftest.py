@@ -16,7 +16,6 @@ LONGEST_FILES = (
     "test_quant_algos_e2e.py",
     "test_real_broken_lowering.py",
     "test_real_model_onnx.py",
-    "test_gguf_build.py",
     "test_fidelity_e2e.py",
 )
 
@@ -124,16 +123,18 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_builds(smollm2_dir, tmp_path_factory):
+def real_builds(smollm2_dir, smollm2_gguf, tmp_path_factory):
     """``real_builds(kind)``: the manifest and bundle folder of the default build of ``kind``
-    (xnnpack: android; onnx: android --backend onnx; coreml: ios), built once per session."""
+    (xnnpack: android; onnx: android --backend onnx, from the GGUF; coreml: ios), built once per
+    session (see ``real_model.DEFAULT_BUILDS``)."""
     from real_model import build_default
 
     made: dict[str, tuple[dict, Path]] = {}
 
     def get(kind: str) -> tuple[dict, Path]:
         if kind not in made:
-            made[kind] = build_default(smollm2_dir, tmp_path_factory.mktemp(f"real-{kind}"), kind)
+            sources = {"folder": smollm2_dir, "gguf": smollm2_gguf}
+            made[kind] = build_default(sources, tmp_path_factory.mktemp(f"real-{kind}"), kind)
         return made[kind]
 
     return get

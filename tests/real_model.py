@@ -95,20 +95,26 @@ def smollm2_dir(gguf: Path) -> Path:
 
 
 PARIS_PROMPT = "The capital of France is"
-# The default build of each backend on the real model: (target, extra CLI arguments).
-DEFAULT_BUILDS = {"xnnpack": ("android", ()), "onnx": ("android", ("--backend", "onnx")), "coreml": ("ios", ())}
+# The default build of each backend on the real model: (target, extra CLI arguments, source). The
+# onnx build reads the GGUF itself (the GGUF-in tests use it too); the others the converted folder.
+DEFAULT_BUILDS = {
+    "xnnpack": ("android", (), "folder"),
+    "onnx": ("android", ("--backend", "onnx"), "gguf"),
+    "coreml": ("ios", (), "folder"),
+}
 
 
-def build_default(model_dir: Path, out: Path, kind: str) -> tuple[dict, Path]:
-    """Build the default ``kind`` bundle of SmolLM2 through the CLI: (manifest, bundle folder)."""
+def build_default(sources: dict[str, Path], out: Path, kind: str) -> tuple[dict, Path]:
+    """Build the default ``kind`` bundle of SmolLM2 through the CLI from ``sources[source]``
+    (``folder``: the converted folder, ``gguf``: the file): (manifest, bundle folder)."""
     import json
 
     from click.testing import CliRunner
 
     from mobile_export.cli import main
 
-    target, extra = DEFAULT_BUILDS[kind]
-    args = ["build", "smollm2-135m", "--model-path", str(model_dir), "--target", target, "-o", str(out), *extra]
+    target, extra, source = DEFAULT_BUILDS[kind]
+    args = ["build", "smollm2-135m", "--model-path", str(sources[source]), "--target", target, "-o", str(out), *extra]
     result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     bundle = next(p for p in out.iterdir() if p.is_dir())
