@@ -39,6 +39,15 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(scope="session")
+def build_bundle(tmp_path_factory):
+    """``build_bundle(*build_args) -> Built``: every test's built bundle, built once per session
+    per argument list (see ``bundle_factory.py``; read-only: copy a bundle to change it)."""
+    from bundle_factory import BundleFactory
+
+    return BundleFactory(tmp_path_factory.mktemp).get
+
+
+@pytest.fixture(scope="session")
 def trained_model() -> Path:
     """Folder of the trained tiny Llama, shipped in tests/fixtures/models (read-only)."""
     from trained_model import trained_model_dir
@@ -123,18 +132,16 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_builds(smollm2_dir, smollm2_gguf, tmp_path_factory):
+def real_builds(smollm2_dir, smollm2_gguf, build_bundle):
     """``real_builds(kind)``: the manifest and bundle folder of the default build of ``kind``
     (xnnpack: android; onnx: android --backend onnx, from the GGUF; coreml: ios), built once per
     session (see ``real_model.DEFAULT_BUILDS``)."""
-    from real_model import build_default
+    from real_model import default_build_args
 
-    made: dict[str, tuple[dict, Path]] = {}
+    sources = {"folder": smollm2_dir, "gguf": smollm2_gguf}
 
     def get(kind: str) -> tuple[dict, Path]:
-        if kind not in made:
-            sources = {"folder": smollm2_dir, "gguf": smollm2_gguf}
-            made[kind] = build_default(sources, tmp_path_factory.mktemp(f"real-{kind}"), kind)
-        return made[kind]
+        built = build_bundle(*default_build_args(sources, kind))
+        return built.manifest, built.bundle
 
     return get

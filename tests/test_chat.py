@@ -270,7 +270,7 @@ def test_sampling_flags_reach_the_cli(chat_bundle):
 
 
 @pytest.fixture(scope="module")
-def tiny_chat_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+def tiny_chat_bundle(tiny_model_dir, tmp_path_factory, build_bundle) -> Path:
     root = tmp_path_factory.mktemp("chat")
     folder = root / "tiny-chat"
     shutil.copytree(tiny_model_dir("llama"), folder)
@@ -278,11 +278,8 @@ def tiny_chat_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     config = json.loads(config_path.read_text())
     config["chat_template"] = TEMPLATE
     config_path.write_text(json.dumps(config))
-    out = root / "dist"
-    args = ["build", "--model-path", folder, "--target", "android", "--backend", "onnx", "--quant", "fp32"]
-    result = invoke(*args, "--no-eval", "-o", out, "-q")
-    assert result.exit_code == 0, result.output
-    return out / "tiny-chat-android-onnx"
+    args = ["--model-path", folder, "--target", "android", "--backend", "onnx", "--quant", "fp32", "--no-eval"]
+    return build_bundle(*args).bundle
 
 
 @pytest.mark.slow

@@ -47,18 +47,11 @@ TINY_RECIPE = {
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> Path:
+def tiny_bundle(tmp_path_factory, build_bundle) -> Path:
     """A real bundle built by `mobile-export build` (verified by the build itself)."""
-    folder = tmp_path_factory.mktemp("devicelab-build")
-    recipe = folder / "tiny-bench.yaml"
+    recipe = tmp_path_factory.mktemp("devicelab-build") / "tiny-bench.yaml"
     recipe.write_text(yaml.safe_dump(TINY_RECIPE), encoding="utf-8")
-    result = CliRunner().invoke(
-        main,
-        ["build", str(recipe), "--target", "android", "--random-weights", "-o", str(folder / "dist"), "--quiet"],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    return folder / "dist" / "tiny-bench-android"
+    return build_bundle(recipe, "--target", "android", "--random-weights").bundle
 
 
 HOST = {"name": "host", "kind": "host"}

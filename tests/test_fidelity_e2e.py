@@ -26,27 +26,15 @@ from mobile_export.fidelity import FIXED_EVAL_TEXT, window_targets, windows
 pytestmark = pytest.mark.slow
 
 
-def _build(model, out, *args):
-    result = CliRunner().invoke(
-        main,
-        ["build", "--model-path", str(model), "--target", "android", "--context-length", "256", "-o", str(out), "-q"]
-        + list(args),
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    (bundle,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return bundle
-
-
 @pytest.fixture(scope="module")
-def bundles(trained_model, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("fidelity")
+def bundles(trained_model, build_bundle) -> dict:
+    def build(*args):
+        return build_bundle("--model-path", trained_model, "--target", "android", "--context-length", "256", *args)
+
     return {
-        "fp32": _build(trained_model, root / "fp32", "--quant", "fp32", "--embedding-quant", "none"),
+        "fp32": build("--quant", "fp32", "--embedding-quant", "none").bundle,
         # groups of 128 and int4 embeddings: a quantization error clearly above rounding noise
-        "8da4w": _build(
-            trained_model, root / "8da4w", "--quant", "8da4w", "--group-size", "128", "--embedding-quant", "int4"
-        ),
+        "8da4w": build("--quant", "8da4w", "--group-size", "128", "--embedding-quant", "int4").bundle,
     }
 
 

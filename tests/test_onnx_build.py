@@ -201,11 +201,9 @@ def test_onnx_softcapped_head_kept_at_8_bits_shares_its_table(model_dirs, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def llama_int4(model_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx-llama")
-    result = _build(model_dirs["llama"], out, target="ios")
-    assert result.exit_code == 0, result.output
-    return out / "tiny-llama-ios-onnx"
+def llama_int4(model_dirs, build_bundle):
+    args = ["--model-path", model_dirs["llama"], "--target", "ios", "--backend", "onnx", "--context-length", "128"]
+    return build_bundle(*args, "--no-eval").bundle
 
 
 @pytest.mark.slow

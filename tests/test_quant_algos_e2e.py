@@ -33,18 +33,14 @@ def texts() -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def builds(trained_model, texts, tmp_path_factory) -> dict[str, tuple[dict, int, Path]]:
+def builds(trained_model, texts, build_bundle) -> dict[str, tuple[dict, int, Path]]:
     """Manifest, .pte size and folder of each build in :data:`BUILDS` (8da4w g32, int8 embedding)."""
     calib, heldout = texts
     out = {}
     for name, extra in BUILDS.items():
-        dist = tmp_path_factory.mktemp(name)
-        args = ["build", "--model-path", str(trained_model), "--target", "android", "--quant", "8da4w"]
-        args += ["--group-size", "32", "--calib-text", str(calib), "--eval-text", str(heldout), "-o", str(dist), "-q"]
-        result = CliRunner().invoke(main, [*args, *extra], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        bundle = next(p for p in dist.iterdir() if p.is_dir())
-        out[name] = (json.loads((bundle / "manifest.json").read_text()), (bundle / "model.pte").stat().st_size, bundle)
+        args = ["--model-path", trained_model, "--target", "android", "--quant", "8da4w", "--group-size", "32"]
+        built = build_bundle(*args, "--calib-text", calib, "--eval-text", heldout, *extra)
+        out[name] = (built.manifest, (built.bundle / "model.pte").stat().st_size, built.bundle)
     return out
 
 
