@@ -48,6 +48,14 @@ def build_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def native_harness(tmp_path_factory) -> Path:
+    """The native ExecuTorch harness (``harness/``), built once per session with CMake."""
+    from native_harness import build_harness
+
+    return build_harness(tmp_path_factory.mktemp("native-harness"))
+
+
+@pytest.fixture(scope="session")
 def trained_model() -> Path:
     """Folder of the trained tiny Llama, shipped in tests/fixtures/models (read-only)."""
     from trained_model import trained_model_dir

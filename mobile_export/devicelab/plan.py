@@ -73,10 +73,14 @@ BundleSpec = Annotated[
 
 
 class HostDeviceSpec(_Strict):
-    """This machine: ExecuTorch's runtime in a child process per measurement."""
+    """This machine: ExecuTorch's Python runtime in a child process per measurement, or, with
+    ``harness``, the native harness executable (``harness/README.md``) as a phone runs it."""
 
     kind: Literal["host"]
     name: str = Field(pattern=_NAME)
+    harness: str | None = Field(
+        default=None, min_length=1, description="a native harness executable to run instead of the Python harness"
+    )
 
 
 class AndroidDeviceSpec(_Strict):

@@ -1,9 +1,12 @@
-"""The host: the bundle runs in ExecuTorch's runtime in a child process on this machine.
+"""The host: the bundle runs in a child process on this machine.
 
-Each measurement is its own process, forked from a server that has already imported PyTorch and
-ExecuTorch (importing them takes seconds and is not what a phone would pay), so every
-repetition loads the bundle cold and its peak resident memory is that process's own, as the OS
-counts it. A measurement past the scenario's ``timeout_s`` is killed and recorded as a timeout.
+By default each measurement is its own process forked from a server that has already imported
+PyTorch and ExecuTorch (importing them takes seconds and is not what a phone would pay), running
+the Python harness, so every repetition loads the bundle cold and its peak resident memory is
+that process's own, as the OS counts it (the interpreter and PyTorch included). With the
+device's ``harness`` set, each measurement runs that native executable instead (``harness/``:
+the program a phone runs, no Python in the process). A measurement past the scenario's
+``timeout_s`` is killed and recorded as a timeout.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mobile_export.errors import UserError
+
 from ..harness import child_main, harness_argv, runtime_version
 from . import Device, DeviceInfo, Job, Outcome, no_results, outcome_from_results, read_results_file
+from ._proc import run_tool
 
 PRELOAD_MODULE = "mobile_export.devicelab.host_preload"
 
@@ -46,21 +52,34 @@ class HostDevice(Device):
     def __init__(self, spec):
         super().__init__(spec)
         self._context = None
+        self._native: Path | None = None
         self._workdir: Path | None = None
 
     @property
     def key(self) -> str:
-        return f"host:{socket.gethostname()}"
+        # the native harness measures another process than the Python one: its own device key
+        return f"host:{socket.gethostname()}" + (":native" if self.spec.harness else "")
 
     def connect(self) -> DeviceInfo:
-        """Start the fork server (imports the runtime once) and read the machine's facts."""
+        """Start the fork server (imports the runtime once), or check the native harness is an
+        executable; read the machine's facts."""
         import psutil
 
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload([PRELOAD_MODULE])
-        starter = self._context.Process(target=_noop)
-        starter.start()
-        starter.join()
+        native = self.spec.harness
+        if native is not None:
+            path = Path(native).expanduser()
+            if not path.is_file() or not os.access(path, os.X_OK):
+                raise UserError(
+                    f"device '{self.spec.name}': native harness {path} is not an executable file",
+                    hint="build it (harness/README.md: cmake -S harness -B harness/build/host), or leave out 'harness'",
+                )
+            self._native = path.resolve()
+        else:
+            self._context = multiprocessing.get_context("forkserver")
+            self._context.set_forkserver_preload([PRELOAD_MODULE])
+            starter = self._context.Process(target=_noop)
+            starter.start()
+            starter.join()
         self._workdir = Path(tempfile.mkdtemp(prefix="mobile-export-host-"))
         self.info = DeviceInfo(
             id=socket.gethostname(),
@@ -69,13 +88,14 @@ class HostDevice(Device):
             os_version=platform.release(),
             soc=platform.machine(),
             extra={"cpu_count": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
-            tools={"python": platform.python_version()},
+            tools={"python": platform.python_version()} if native is None else {"native_harness": str(self._native)},
         )
         return self.info
 
     def measure(self, job: Job, repetition: int) -> Outcome:
-        """Fork one measurement process, wait up to the scenario's timeout, read its results file."""
-        assert self._context is not None and self._workdir is not None, "connect() first"
+        """Fork one measurement process (or run the native harness), wait up to the scenario's
+        timeout, read its results file."""
+        assert (self._context or self._native) is not None and self._workdir is not None, "connect() first"
         stem = f"{job.bundle.name}-{job.scenario.name}-{repetition}"
         output = self._workdir / f"{stem}.json"
         log = self._workdir / f"{stem}.log"
@@ -87,6 +107,8 @@ class HostDevice(Device):
             job.scenario.warmup,
             str(output),
         )
+        if self._native is not None:
+            return self._measure_native(job, repetition, argv, output)
         process = self._context.Process(target=child_main, args=(argv, str(log)), daemon=True)
         started = time.monotonic()
         process.start()
@@ -111,6 +133,26 @@ class HostDevice(Device):
         outcome = outcome_from_results(text, job, repetition)
         if outcome.status == "ok" and process.exitcode != 0:
             return no_results(f"harness wrote results but exited with status {process.exitcode}", repetition, log_text)
+        return outcome
+
+    def _measure_native(self, job: Job, repetition: int, argv: list[str], output: Path) -> Outcome:
+        """One run of the native harness executable (an argument list, its own process group)."""
+        started = time.monotonic()
+        done = run_tool([str(self._native), *argv], timeout=job.scenario.timeout_s)
+        if done.timed_out:
+            return Outcome(
+                repetition,
+                "timeout",
+                failure_kind="timeout",
+                reason=f"no result within {job.scenario.timeout_s:g}s; the harness process was killed",
+            )
+        text = read_results_file(output)
+        if text is None:
+            elapsed = time.monotonic() - started
+            return no_results(f"harness exited with status {done.returncode} after {elapsed:.1f}s", repetition, done.output)
+        outcome = outcome_from_results(text, job, repetition)
+        if outcome.status == "ok" and done.returncode != 0:
+            return no_results(f"harness wrote results but exited with status {done.returncode}", repetition, done.output)
         return outcome
 
     def close(self) -> None:
