@@ -48,11 +48,17 @@ def build_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def native_harness(tmp_path_factory) -> Path:
-    """The native ExecuTorch harness (``harness/``), built once per session with CMake."""
-    from native_harness import build_harness
+def native_harnesses(tmp_path_factory) -> dict[str, Path]:
+    """The native harnesses (``harness/``) by artifact format, built once per session with CMake."""
+    from native_harness import build_harnesses
 
-    return build_harness(tmp_path_factory.mktemp("native-harness"))
+    return build_harnesses(tmp_path_factory.mktemp("native-harness"))
+
+
+@pytest.fixture(scope="session")
+def native_harness(native_harnesses) -> Path:
+    """The native harness for ExecuTorch bundles."""
+    return native_harnesses["executorch-pte"]
 
 
 @pytest.fixture(scope="session")

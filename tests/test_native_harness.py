@@ -118,3 +118,30 @@ def test_a_native_harness_path_that_is_not_an_executable_is_one_error(tmp_path, 
     result = CliRunner().invoke(main, ["bench", str(plan), "--out", str(tmp_path / "results"), "-q"])
     assert result.exit_code != 0
     assert "native harness" in result.output and "is not an executable file" in result.output
+
+
+def test_the_onnx_harness_runs_an_onnx_bundle_to_the_exact_limits(native_harnesses, trained_model, build_bundle, tmp_path):
+    args = ["--model-path", trained_model, "--target", "android", "--backend", "onnx", "--context-length", "128"]
+    bundle = build_bundle(*args, "--quant", "fp32", "--embedding-quant", "none", "--no-eval").bundle
+    harness = native_harnesses["onnxruntime-genai"]
+    done = _run(harness, bundle, _prompt(tmp_path, list(range(3, 19))), tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = parse_results((tmp_path / "r.json").read_text(), prompt_tokens=16, new_tokens=8, manifest_sha256=_sha(bundle))
+    assert data["status"] == "ok" and data["runtime"]["name"] == "onnxruntime-genai"
+    assert data["decode_tokens_per_s"] > 0 and data["peak_memory_bytes"] > 0
+    parity = reference_parity(bundle, data["reference_outputs"])
+    assert parity["enforced"] and parity["passed"], parity
+    assert parity["min_top1_agreement"] == 1.0 and parity["max_abs_logprob_diff"] <= 0.01
+
+    # each harness refuses the other's bundles with a record saying so
+    other = _run(harness, trained_bundles_pte(build_bundle, trained_model), _prompt(tmp_path, [3, 4]), tmp_path / "o.json")
+    assert other.returncode != 0
+    record = json.loads((tmp_path / "o.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"] == "the bundle's artifact is executorch-pte; this harness runs onnxruntime-genai bundles"
+
+
+def trained_bundles_pte(build_bundle, trained_model) -> Path:
+    """The fp32 .pte bundle of ``trained_bundles`` (the factory hands back the same build)."""
+    args = ["--model-path", trained_model, "--target", "android", "--context-length", "128", "--no-eval"]
+    return build_bundle(*args, "--quant", "fp32", "--embedding-quant", "none").bundle

@@ -47,6 +47,8 @@ REQUIRED_OK_FIELDS = (
     "peak_memory_bytes",
     "memory_source",
 )
+# The contract's other fields (device_tests/HARNESS.md): a results file has no keys beyond these.
+OPTIONAL_FIELDS = ("error", "prefill_s", "decode_s", "rss_before_load_bytes", "device", "reference_outputs")
 NUMERIC_OK_FIELDS = tuple(f for f in REQUIRED_OK_FIELDS if f not in ("bundle_manifest_sha256", "memory_source"))
 
 
