@@ -228,3 +228,15 @@ def test_the_same_device_twice_is_refused(tmp_path):
     )
     line = bench_error(str(plan), "--out", str(tmp_path / "out"))
     assert line.startswith("error: plan devices 'host' and 'laptop' are the same device (host:")
+
+
+def test_a_host_device_with_a_native_harness_is_a_device_of_its_own():
+    """The Python host harness and each native harness measure different processes: one plan may
+    list them side by side (the runner refuses two entries with the same device key)."""
+    from mobile_export.devicelab.devices.host import HostDevice
+
+    python = HostDevice(HostDeviceSpec(kind="host", name="host"))
+    native = HostDevice(HostDeviceSpec(kind="host", name="native", harness="harness/build/host/mobile-export-harness"))
+    onnx = HostDevice(HostDeviceSpec(kind="host", name="native-onnx", harness="build/mobile-export-harness-onnx"))
+    assert len({python.key, native.key, onnx.key}) == 3
+    assert native.key == python.key + ":mobile-export-harness"

@@ -4,8 +4,10 @@
 //
 // The onnxruntime-genai wheel ships libonnxruntime-genai.so but not its header, so the few
 // functions of its C API the harness calls are declared here, as ort_genai_c.h declares them.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -18,6 +20,7 @@
 
 extern "C" {
 struct OgaResult;
+struct OgaConfig;
 struct OgaModel;
 struct OgaGeneratorParams;
 struct OgaGenerator;
@@ -25,7 +28,10 @@ struct OgaTensor;
 enum OgaElementType { OgaElementType_float32 = 1, OgaElementType_float16 = 10 };
 const char* OgaResultGetError(const OgaResult* result);
 void OgaDestroyResult(OgaResult* result);
-OgaResult* OgaCreateModel(const char* config_path, OgaModel** out);
+OgaResult* OgaCreateConfig(const char* config_path, OgaConfig** out);
+OgaResult* OgaConfigOverlay(OgaConfig* config, const char* json);
+void OgaDestroyConfig(OgaConfig* config);
+OgaResult* OgaCreateModelFromConfig(const OgaConfig* config, OgaModel** out);
 void OgaDestroyModel(OgaModel* model);
 OgaResult* OgaCreateGeneratorParams(const OgaModel* model, OgaGeneratorParams** out);
 void OgaDestroyGeneratorParams(OgaGeneratorParams* params);
@@ -86,7 +92,19 @@ class OnnxGenAIRuntime : public Runtime {
   }
 
   void load() override {
-    check(OgaCreateModel(folder_.c_str(), &model_), "ONNX Runtime GenAI could not load " + folder_);
+    // GenAI runs a session on one intra-op thread unless genai_config.json says otherwise, where
+    // ONNX Runtime itself (and mobile-export's host runtime) uses every core: the harness asks
+    // for every core too, as an app tuning its session would, so the two runtimes compare fairly.
+    OgaConfig* config = nullptr;
+    check(OgaCreateConfig(folder_.c_str(), &config), "ONNX Runtime GenAI could not read " + folder_ + "/genai_config.json");
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    const std::string overlay = "{\"model\":{\"decoder\":{\"session_options\":{\"intra_op_num_threads\":" +
+                                std::to_string(cores) + "}}}}";
+    OgaResult* overlaid = OgaConfigOverlay(config, overlay.c_str());
+    OgaResult* created = overlaid == nullptr ? OgaCreateModelFromConfig(config, &model_) : nullptr;
+    OgaDestroyConfig(config);
+    check(overlaid, "genai_config.json overlay");
+    check(created, "ONNX Runtime GenAI could not load " + folder_);
     check(OgaCreateGeneratorParams(model_, &params_), "generator params");
     max_seq_len_ = context_length();
     check(OgaGeneratorParamsSetSearchNumber(params_, "max_length", double(max_seq_len_)), "max_length");

@@ -57,8 +57,9 @@ class HostDevice(Device):
 
     @property
     def key(self) -> str:
-        # the native harness measures another process than the Python one: its own device key
-        return f"host:{socket.gethostname()}" + (":native" if self.spec.harness else "")
+        # a native harness measures another process than the Python one: a device key of its own
+        native = self.spec.harness
+        return f"host:{socket.gethostname()}" + (f":{Path(native).name}" if native else "")
 
     def connect(self) -> DeviceInfo:
         """Start the fork server (imports the runtime once), or check the native harness is an

@@ -67,20 +67,22 @@ object BenchmarkHarness {
         record.put("memory_source", "VmHWM (/proc/self/status)")
         record.put("rss_before_load_bytes", rssBefore)
         record.put("reference_outputs", outputs?.let { list ->
-            JSONArray(list.map { JSONObject().put("tokens", JSONArray(it.tokens)).put("logprobs", JSONArray(it.logprobs.map(::JSONArray))) })
+            JSONArray(list.map { out ->
+                JSONObject().put("tokens", JSONArray(out.tokens))
+                    .put("logprobs", out.logprobs?.let { lp -> JSONArray(lp.map(::JSONArray)) } ?: JSONObject.NULL)
+            })
         })
     }
 
     private fun generate(runtime: LanguageModelRuntime, prompt: IntArray, newTokens: Int): Pair<Double, Double> {
         var start = SystemClock.elapsedRealtimeNanos()
-        var token = argmax(runtime.step(prompt, 0))
+        var token = runtime.step(prompt, 0).token
         val prefillS = seconds(start)
         start = SystemClock.elapsedRealtimeNanos()
-        for (i in 1 until newTokens) token = argmax(runtime.step(intArrayOf(token), prompt.size + i - 1))
+        for (i in 1 until newTokens) token = runtime.step(intArrayOf(token), prompt.size + i - 1).token
         return prefillS to seconds(start)
     }
 
-    private fun argmax(row: FloatArray): Int = row.indices.maxByOrNull { row[it] }!!
     private fun seconds(startNanos: Long) = (SystemClock.elapsedRealtimeNanos() - startNanos) / 1e9
 
     private fun procStatusBytes(field: String): Long =

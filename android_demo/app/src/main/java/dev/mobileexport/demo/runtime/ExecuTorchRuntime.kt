@@ -17,14 +17,15 @@ class ExecuTorchRuntime(private val bundle: BundleFiles) : LanguageModelRuntime 
         module = Module.load(bundle.artifact.absolutePath).also { it.loadMethod("forward") }
     }
 
-    override fun step(tokens: IntArray, startPos: Int): FloatArray {
+    override fun step(tokens: IntArray, startPos: Int): Step {
         require(startPos + tokens.size <= maxSeqLen) { "sequence exceeds the model's context of $maxSeqLen" }
         val ids = Tensor.fromBlob(LongArray(tokens.size) { tokens[it].toLong() }, longArrayOf(1, tokens.size.toLong()))
         val pos = Tensor.fromBlob(longArrayOf(startPos.toLong()), longArrayOf(1))
         val out = checkNotNull(module) { "load() first" }.forward(EValue.from(ids), EValue.from(pos))
         val logits = out[0].toTensor().dataAsFloatArray
         val vocab = out[0].toTensor().shape().last().toInt()
-        return logits.copyOfRange(logits.size - vocab, logits.size)
+        val last = logits.copyOfRange(logits.size - vocab, logits.size)
+        return Step(argmax(last), last)
     }
 
     override fun close() {

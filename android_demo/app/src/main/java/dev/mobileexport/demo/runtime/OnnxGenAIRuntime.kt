@@ -6,8 +6,10 @@ import ai.onnxruntime.genai.GeneratorParams
 import ai.onnxruntime.genai.Model
 import dev.mobileexport.demo.bundle.BundleFiles
 
-/** A bundle's ONNX folder in ONNX Runtime GenAI's Android package: one generator per sequence;
- * appendTokens runs the model over the new tokens, the logits are the last token's. */
+/** A bundle's ONNX folder in ONNX Runtime GenAI's Android package: one generator per sequence.
+ * Its Java API returns tokens, not logits (its Tensor has no data accessor), so a step appends the
+ * tokens, lets GenAI pick the greedy next one, and rewinds that token off again, so the caller
+ * feeds whichever token comes next (the generated one, or the reference's when teacher-forcing). */
 class OnnxGenAIRuntime(private val bundle: BundleFiles) : LanguageModelRuntime {
     override val name = "onnxruntime-genai"
     override val maxSeqLen: Int get() = bundle.contextLength
@@ -19,7 +21,7 @@ class OnnxGenAIRuntime(private val bundle: BundleFiles) : LanguageModelRuntime {
         model = Model(bundle.folder.absolutePath)
     }
 
-    override fun step(tokens: IntArray, startPos: Int): FloatArray {
+    override fun step(tokens: IntArray, startPos: Int): Step {
         val model = checkNotNull(model) { "load() first" }
         if (startPos == 0) {
             generator?.close()
@@ -32,13 +34,13 @@ class OnnxGenAIRuntime(private val bundle: BundleFiles) : LanguageModelRuntime {
         }
         val generator = checkNotNull(generator)
         require(startPos == length) { "ONNX Runtime GenAI appends tokens in order: step at $startPos, sequence at $length" }
+        require(startPos + tokens.size < maxSeqLen) { "sequence exceeds the model's context of $maxSeqLen" }
         generator.appendTokens(tokens)
         length += tokens.size
-        // getOutput("logits"): the last token's logits [1, 1, vocab] as a CPU tensor (GenAI 0.8+)
-        val logits = generator.getOutput("logits").floatBuffer
-        val all = FloatArray(logits.remaining()).also { logits.get(it) }
-        val vocab = all.size  // one sequence, one position
-        return all.copyOfRange(all.size - vocab, all.size)
+        generator.generateNextToken()
+        val next = generator.getLastTokenInSequence(0)
+        generator.rewindTo(length.toLong())
+        return Step(next, null)
     }
 
     override fun close() {
