@@ -358,12 +358,10 @@ def verify_bundle(bundle: Path) -> tuple[ParityReport, dict]:
     """Run a bundle's artifact here against its ``reference.json``; returns the report and the
     manifest facts to print (raises ``UserError`` when the artifact cannot run here)."""
     from mobile_export.bundle import read_checked_manifest as checked_manifest
-    from mobile_export.runtimes import open_bundle
 
     manifest = checked_manifest(bundle)
     reference = read_reference(bundle, manifest.vocab_size(), manifest.context_length)
-    runtime = open_bundle(bundle, manifest)
-    report = check_outputs(reference, run_reference(runtime, reference))
+    report = check_artifact(Path(bundle) / manifest.artifact["file"], manifest.artifact, reference)
     facts = {
         "backend": manifest.backend,
         "quantization": manifest.quantization.get("scheme"),
@@ -372,16 +370,14 @@ def verify_bundle(bundle: Path) -> tuple[ParityReport, dict]:
     return report, facts
 
 
-def check_artifact(path: Path, artifact: dict, reference: ReferenceFile) -> ParityReport | str:
-    """Run the written artifact (``artifact``: its manifest entry) in its host runtime against
-    ``reference``, as ``mobile-export verify`` will; the reason instead when it cannot run here."""
+def check_artifact(path: Path, artifact: dict, reference: ReferenceFile) -> ParityReport:
+    """Run the artifact at ``path`` (``artifact``: its manifest entry) in its host runtime against
+    ``reference``: what ``mobile-export verify`` runs, and the build before it writes a bundle.
+    Raises ``UserError`` when the artifact cannot run here."""
     from mobile_export.memory import release_memory
     from mobile_export.runtimes import open_artifact
 
-    try:
-        runtime = open_artifact(path, artifact)
-    except UserError as exc:
-        return exc.message
+    runtime = open_artifact(path, artifact)
     try:
         return check_outputs(reference, run_reference(runtime, reference))
     finally:

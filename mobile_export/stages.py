@@ -19,7 +19,7 @@ from mobile_export.backends import ExportedArtifact, ExportInfo, Verification, V
 from mobile_export.bundle import TensorSpec, check_destination, write_manifest, write_zip
 from mobile_export.chat import stop_ids, write_template_to_tokenizer_config
 from mobile_export.console import StepUI
-from mobile_export.errors import VerificationError
+from mobile_export.errors import UserError, VerificationError
 from mobile_export.fidelity import build_eval_reference, read_text
 from mobile_export.memory import release_memory
 from mobile_export.plan import BuildPlan
@@ -288,14 +288,13 @@ def check_reference(plan: BuildPlan, refs: References, exported: Exported, stage
     from mobile_export.reference import check_artifact
 
     artifact = exported.artifact
-    entry = {**artifact.manifest, "file": artifact.file, "format": artifact.format, "delegate": plan.backend.delegate}
-    report = check_artifact(artifact.path(stage), entry, refs.device_reference)
-    if isinstance(report, str):
-        ui.note(f"reference.json check: not run here ({report})")
+    try:  # the manifest's own artifact entry: exactly what ``verify`` will open
+        report = check_artifact(artifact.path(stage), artifact.manifest, refs.device_reference)
+    except UserError as exc:
+        ui.note(f"reference.json check: not run here ({exc.message})")
         return []
     worst = min(p.top1_agreement for p in report.prompts) if report.prompts else 1.0
-    clean = all(p.passed for p in report.prompts)
-    status = "ok" if clean else ("FAILED" if report.enforced else "recorded, not enforced")
+    status = "ok" if not report.failures else ("FAILED" if report.enforced else "recorded, not enforced")
     ui.note(f"reference.json check: greedy agreement >= {worst:.0%} on {len(report.prompts)} prompts [{status}]")
     return [f"reference.json check: {line}" for line in report.failures] if report.enforced else []
 

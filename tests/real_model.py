@@ -141,3 +141,22 @@ def assert_answers_paris(bundle: Path) -> None:
     result = CliRunner().invoke(main, ["run", str(bundle), "--prompt", PARIS_PROMPT, "-n", "6"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output.split(PARIS_PROMPT, 1)[1]
+
+
+def native_harness_results(harness: Path, bundle: Path, folder: Path) -> tuple[dict, dict]:
+    """Run a native harness on ``bundle`` (32 prompt tokens, 16 new, one warm-up): its validated
+    results and their reference.json parity."""
+    import json
+    import subprocess
+
+    from mobile_export.devicelab.harness import parse_results, reference_parity
+
+    prompt = folder / "prompt.json"
+    prompt.write_text(json.dumps({"token_ids": list(range(100, 132))}))
+    output = folder / "results.json"
+    argv = [str(harness), "--bundle", str(bundle), "--prompt", str(prompt), "--new-tokens", "16"]
+    done = subprocess.run([*argv, "--warmup", "1", "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sha = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    data = parse_results(output.read_text(), prompt_tokens=32, new_tokens=16, manifest_sha256=sha)
+    return data, reference_parity(bundle, data["reference_outputs"])

@@ -120,7 +120,9 @@ def test_a_native_harness_path_that_is_not_an_executable_is_one_error(tmp_path, 
     assert "native harness" in result.output and "is not an executable file" in result.output
 
 
-def test_the_onnx_harness_runs_an_onnx_bundle_to_the_exact_limits(native_harnesses, trained_model, build_bundle, tmp_path):
+def test_the_onnx_harness_runs_an_onnx_bundle_to_the_exact_limits(
+    native_harnesses, trained_model, trained_bundles, build_bundle, tmp_path
+):
     args = ["--model-path", trained_model, "--target", "android", "--backend", "onnx", "--context-length", "128"]
     bundle = build_bundle(*args, "--quant", "fp32", "--embedding-quant", "none", "--no-eval").bundle
     harness = native_harnesses["onnxruntime-genai"]
@@ -134,14 +136,9 @@ def test_the_onnx_harness_runs_an_onnx_bundle_to_the_exact_limits(native_harness
     assert parity["min_top1_agreement"] == 1.0 and parity["max_abs_logprob_diff"] <= 0.01
 
     # each harness refuses the other's bundles with a record saying so
-    other = _run(harness, trained_bundles_pte(build_bundle, trained_model), _prompt(tmp_path, [3, 4]), tmp_path / "o.json")
+    other = _run(harness, trained_bundles["fp32"], _prompt(tmp_path, [3, 4]), tmp_path / "o.json")
     assert other.returncode != 0
     record = json.loads((tmp_path / "o.json").read_text())
     assert record["status"] == "failed"
     assert record["error"] == "the bundle's artifact is executorch-pte; this harness runs onnxruntime-genai bundles"
 
-
-def trained_bundles_pte(build_bundle, trained_model) -> Path:
-    """The fp32 .pte bundle of ``trained_bundles`` (the factory hands back the same build)."""
-    args = ["--model-path", trained_model, "--target", "android", "--context-length", "128", "--no-eval"]
-    return build_bundle(*args, "--quant", "fp32", "--embedding-quant", "none").bundle

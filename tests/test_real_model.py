@@ -75,22 +75,10 @@ def test_native_harness_runs_the_real_default_and_passes_its_reference(real_buil
     """The C++ harness (ExecuTorch's C++ runtime, no Python in the process) on the real xnnpack
     default: a valid results file whose reference.json outputs pass the bundle's own check, in a
     process far smaller than the Python harness's (which carries PyTorch: ~750 MB here)."""
-    import hashlib
-    import json
-    import subprocess
-
-    from mobile_export.devicelab.harness import parse_results, reference_parity
+    from real_model import native_harness_results
 
     _, bundle = real_builds("xnnpack")
-    prompt = tmp_path / "prompt.json"
-    prompt.write_text(json.dumps({"token_ids": list(range(100, 132))}))
-    output = tmp_path / "results.json"
-    argv = [str(native_harness), "--bundle", str(bundle), "--prompt", str(prompt), "--new-tokens", "16"]
-    done = subprocess.run([*argv, "--warmup", "1", "--output", str(output)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    sha = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    data = parse_results(output.read_text(), prompt_tokens=32, new_tokens=16, manifest_sha256=sha)
-    parity = reference_parity(bundle, data["reference_outputs"])
+    data, parity = native_harness_results(native_harness, bundle, tmp_path)
     assert parity["enforced"] and parity["passed"], parity
     model_bytes = (bundle / "model.pte").stat().st_size
     assert data["peak_memory_bytes"] < model_bytes + 400 * 2**20  # the program (mmapped) plus its buffers

@@ -54,22 +54,10 @@ def test_default_answers_paris(real_builds):
 def test_native_onnx_harness_runs_the_real_default_and_passes_its_reference(real_builds, native_harnesses, tmp_path):
     """The C++ harness on ONNX Runtime GenAI's C API: a valid results file whose reference.json
     outputs pass the bundle's own check."""
-    import hashlib
-    import subprocess
-
-    from mobile_export.devicelab.harness import parse_results, reference_parity
+    from real_model import native_harness_results
 
     _, bundle = real_builds("onnx")
-    prompt = tmp_path / "prompt.json"
-    prompt.write_text(json.dumps({"token_ids": list(range(100, 132))}))
-    output = tmp_path / "results.json"
-    argv = [str(native_harnesses["onnxruntime-genai"]), "--bundle", str(bundle), "--prompt", str(prompt)]
-    argv += ["--new-tokens", "16", "--warmup", "1", "--output", str(output)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    sha = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    data = parse_results(output.read_text(), prompt_tokens=32, new_tokens=16, manifest_sha256=sha)
-    parity = reference_parity(bundle, data["reference_outputs"])
+    _, parity = native_harness_results(native_harnesses["onnxruntime-genai"], bundle, tmp_path)
     assert parity["enforced"] and parity["passed"], parity
 
 

@@ -41,6 +41,30 @@ class Parser {
     return false;
   }
 
+  // The items of an object or array after its opening bracket: ``item`` parses one, commas
+  // between them, up to and including ``close``.
+  template <typename Item>
+  void items(char close, Item item) {
+    skip_space();
+    if (pos_ < text_.size() && text_[pos_] == close) {
+      ++pos_;
+      return;
+    }
+    while (true) {
+      item();
+      skip_space();
+      if (pos_ < text_.size() && text_[pos_] == ',') {
+        ++pos_;
+        continue;
+      }
+      if (pos_ < text_.size() && text_[pos_] == close) {
+        ++pos_;
+        return;
+      }
+      fail(std::string("expected ',' or '") + close + "'");
+    }
+  }
+
   Json parse_value(int depth) {
     if (depth > 64) fail("nested too deeply");
     skip_space();
@@ -50,12 +74,7 @@ class Parser {
     if (c == '{') {
       value.kind_ = Json::Kind::Object;
       ++pos_;
-      skip_space();
-      if (pos_ < text_.size() && text_[pos_] == '}') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
+      items('}', [&] {
         skip_space();
         if (pos_ >= text_.size() || text_[pos_] != '"') fail("expected a key");
         std::string key = parse_string();
@@ -63,39 +82,14 @@ class Parser {
         if (pos_ >= text_.size() || text_[pos_] != ':') fail("expected ':'");
         ++pos_;
         value.object_[key] = parse_value(depth + 1);
-        skip_space();
-        if (pos_ < text_.size() && text_[pos_] == ',') {
-          ++pos_;
-          continue;
-        }
-        if (pos_ < text_.size() && text_[pos_] == '}') {
-          ++pos_;
-          return value;
-        }
-        fail("expected ',' or '}'");
-      }
+      });
+      return value;
     }
     if (c == '[') {
       value.kind_ = Json::Kind::Array;
       ++pos_;
-      skip_space();
-      if (pos_ < text_.size() && text_[pos_] == ']') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        value.array_.push_back(parse_value(depth + 1));
-        skip_space();
-        if (pos_ < text_.size() && text_[pos_] == ',') {
-          ++pos_;
-          continue;
-        }
-        if (pos_ < text_.size() && text_[pos_] == ']') {
-          ++pos_;
-          return value;
-        }
-        fail("expected ',' or ']'");
-      }
+      items(']', [&] { value.array_.push_back(parse_value(depth + 1)); });
+      return value;
     }
     if (c == '"') {
       value.kind_ = Json::Kind::String;

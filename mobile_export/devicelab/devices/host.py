@@ -108,53 +108,45 @@ class HostDevice(Device):
             job.scenario.warmup,
             str(output),
         )
-        if self._native is not None:
-            return self._measure_native(job, repetition, argv, output)
-        process = self._context.Process(target=child_main, args=(argv, str(log)), daemon=True)
         started = time.monotonic()
-        process.start()
-        process.join(job.scenario.timeout_s)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        if self._native is not None:
+            exitcode, timed_out, log_text = self._run_native(argv, job.scenario.timeout_s)
+            runtime = {}  # the results file names it; no file, no claim
+        else:
+            exitcode, timed_out, log_text = self._run_forked(argv, log, job.scenario.timeout_s)
+            runtime = {"name": "executorch", "version": runtime_version()}
+        if timed_out:
             return Outcome(
                 repetition,
                 "timeout",
                 failure_kind="timeout",
                 reason=f"no result within {job.scenario.timeout_s:g}s; the measurement process was killed",
-                runtime={"name": "executorch", "version": runtime_version()},
+                runtime=runtime,
             )
         elapsed = time.monotonic() - started
         text = read_results_file(output)
-        log_text = read_results_file(log) or ""
         if text is None:
-            return no_results(
-                f"harness exited with status {process.exitcode} after {elapsed:.1f}s", repetition, log_text
-            )
+            return no_results(f"harness exited with status {exitcode} after {elapsed:.1f}s", repetition, log_text)
         outcome = outcome_from_results(text, job, repetition)
-        if outcome.status == "ok" and process.exitcode != 0:
-            return no_results(f"harness wrote results but exited with status {process.exitcode}", repetition, log_text)
+        if outcome.status == "ok" and exitcode != 0:
+            return no_results(f"harness wrote results but exited with status {exitcode}", repetition, log_text)
         return outcome
 
-    def _measure_native(self, job: Job, repetition: int, argv: list[str], output: Path) -> Outcome:
-        """One run of the native harness executable (an argument list, its own process group)."""
-        started = time.monotonic()
-        done = run_tool([str(self._native), *argv], timeout=job.scenario.timeout_s)
-        if done.timed_out:
-            return Outcome(
-                repetition,
-                "timeout",
-                failure_kind="timeout",
-                reason=f"no result within {job.scenario.timeout_s:g}s; the harness process was killed",
-            )
-        text = read_results_file(output)
-        if text is None:
-            elapsed = time.monotonic() - started
-            return no_results(f"harness exited with status {done.returncode} after {elapsed:.1f}s", repetition, done.output)
-        outcome = outcome_from_results(text, job, repetition)
-        if outcome.status == "ok" and done.returncode != 0:
-            return no_results(f"harness wrote results but exited with status {done.returncode}", repetition, done.output)
-        return outcome
+    def _run_forked(self, argv: list[str], log: Path, timeout_s: float) -> tuple[int | None, bool, str]:
+        """The Python harness in a process forked from the server: (exit status, timed out, log)."""
+        process = self._context.Process(target=child_main, args=(argv, str(log)), daemon=True)
+        process.start()
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return process.exitcode, True, ""
+        return process.exitcode, False, read_results_file(log) or ""
+
+    def _run_native(self, argv: list[str], timeout_s: float) -> tuple[int, bool, str]:
+        """The native harness executable (an argument list, its own process group)."""
+        done = run_tool([str(self._native), *argv], timeout=timeout_s)
+        return done.returncode, done.timed_out, done.output
 
     def close(self) -> None:
         if self._workdir is not None:
