@@ -16,6 +16,7 @@ from mobile_export import stages
 from mobile_export.bundle import Manifest, staged_bundle
 from mobile_export.console import StepUI
 from mobile_export.manifest import VERSIONED_PACKAGES, package_versions
+from mobile_export.memory import freeze_library_objects
 from mobile_export.plan import (
     BuildPlan,
     BuildRequest,
@@ -74,6 +75,7 @@ def build_plan(plan: BuildPlan, ui: StepUI, started: float | None = None) -> Bui
     """Run the stages of a resolved plan."""
     started = time.perf_counter() if started is None else started
     stages.preflight(plan)
+    freeze_library_objects()
     loaded = stages.load(plan, ui)
     refs = stages.reference(plan, loaded, ui)
     converted = stages.convert_stage(plan, loaded, ui)

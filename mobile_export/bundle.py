@@ -247,7 +247,7 @@ def write_zip(folder: Path, zip_path: Path) -> Path:
     os.close(fd)
     normalize_modes(folder)  # the members keep their on-disk modes
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 archive.write(path, arcname=f"{zip_path.stem}/{path.relative_to(folder).as_posix()}")
         Path(tmp).chmod(0o666 & ~_umask())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -61,3 +62,18 @@ class StepUI:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Only records at ``level`` and above from the ``logging`` loggers ``names`` while the block
+    runs (libraries' progress notices; the build prints its own); their levels are restored after."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, saved, strict=True):
+            logger.setLevel(previous)

@@ -32,3 +32,19 @@ def drop_weights(model) -> None:
             module._parameters[name] = None
         for name in list(module._buffers):
             module._buffers[name] = None
+
+
+def freeze_library_objects() -> None:
+    """Import torch and transformers, then move every object alive now out of the garbage
+    collector's reach (``gc.freeze``).
+
+    The half-million objects of those libraries live as long as the process; without this every
+    full collection (``release_memory`` after each layer, and Python's own during export) walks
+    them all: 0.2 s a collection on this machine. Called before any model is loaded, so no
+    model-sized object is ever frozen.
+    """
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    gc.collect()
+    gc.freeze()

@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import collections
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mobile_export.console import quiet_loggers
 from mobile_export.errors import UserError
 
 PAST_KEY = "past_key_values.%d.key"
@@ -129,10 +129,7 @@ class _quiet_exporter:
         self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo"):
-            logger = logging.getLogger(name)
-            self._stack.callback(logger.setLevel, logger.level)
-            logger.setLevel(logging.ERROR)
+        self._stack.enter_context(quiet_loggers("torch.onnx", "onnxscript", "torch.export", "torch._dynamo"))
         return self
 
     def __exit__(self, *exc):

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from mobile_export.backends.onnx_graph import GraphReport
+from mobile_export.console import quiet_loggers
 from mobile_export.quantize import keep_8bit_matcher, linear_bits, linear_group, projection_parts
 
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (what ONNX Runtime GenAI's builder uses)
@@ -207,15 +208,10 @@ def _matmul_nbits(proto, bits: int, block: int, ops: tuple[str, ...], hqq: bool 
             quant_axes=(("MatMul", 0), ("Gather", 1)),
             bits=bits,
         )
-    quiet = logging.getLogger("onnxruntime.quantization")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
+    with quiet_loggers("onnxruntime.quantization", level=logging.WARNING):
         kept = [n.name for n in proto.graph.node if n.op_type in ops and n.name not in only] if only else []
         quantizer = MatMulNBitsQuantizer(proto, algo_config=config, nodes_to_exclude=kept)
         quantizer.process()
-    finally:
-        quiet.setLevel(level)
     return quantizer.model.model
 
 

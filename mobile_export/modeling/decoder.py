@@ -132,7 +132,9 @@ class ExportableDecoder(nn.Module):
         if key not in self._rope_scaling:
             cos, sin = getattr(self, f"{key}_cos"), getattr(self, f"{key}_sin")
             return cos.narrow(0, start_pos, seq), sin.narrow(0, start_pos, seq)
-        positions = torch.arange(seq, dtype=torch.float32) + start_pos
+        # arange from start_pos rather than arange + start_pos: a symbolic start stays a scalar
+        # argument, so ExecuTorch's SymToTensorPass finds nothing to rewrite and is skipped
+        positions = torch.arange(start_pos, start_pos + seq, dtype=torch.float32)
         freqs = positions[:, None] * getattr(self, f"{key}_inv_freq")[None, :]
         freqs = torch.cat([freqs, freqs], dim=-1)[:, None, :]
         scaling = self._rope_scaling[key]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import platform
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mobile_export.console import quiet_loggers
 from mobile_export.errors import UserError
 from mobile_export.runtimes.base import Runtime
 
@@ -30,16 +30,12 @@ def quiet_coremltools() -> Iterator[None]:
     """Hide coremltools' progress bars and its warnings about untested torch versions."""
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
     try:
         # progress bars (tqdm) and notices go to stderr; errors still raise
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_loggers("coremltools"), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
         if previous is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
