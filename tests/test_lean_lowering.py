@@ -3,6 +3,7 @@ partitions, and the skipped or op-gated passes."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -37,6 +38,27 @@ def test_results_keep_each_partition_in_order_and_come_from_workers() -> None:
     assert "preprocess_multimethod" not in RecordingDetails.__dict__
     serial = RecordingDetails.preprocess_multimethod(programs, specs)
     assert serial["forward"][0].processed_bytes.decode() == f"p0:{os.getpid()}"
+
+
+class CollectorStateDetails(BackendDetails):
+    """Test double of a backend: its 'compiled' bytes are the worker's garbage-collector state."""
+
+    @staticmethod
+    def preprocess(edge_program, compile_specs) -> PreprocessResult:
+        return PreprocessResult(processed_bytes=f"{gc.get_freeze_count() > 0}:{gc.isenabled()}".encode())
+
+
+def test_workers_freeze_what_they_inherit_and_the_parent_keeps_its_frozen_objects() -> None:
+    gc.freeze()  # what the build froze before loading (memory.freeze_library_objects)
+    try:
+        frozen = gc.get_freeze_count()
+        with parallel_preprocess(CollectorStateDetails, workers=2):
+            results = CollectorStateDetails.preprocess_multimethod({"forward": ["a", "b"]}, {"forward": [[], []]})
+        assert [r.processed_bytes.decode() for r in results["forward"]] == ["True:True", "True:True"]
+        assert gc.get_freeze_count() >= frozen
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
 
 
 def test_one_worker_runs_executorch_own_loop_here() -> None:

@@ -37,6 +37,12 @@ def usable_cores() -> int:
 def _worker_init() -> None:
     import torch
 
+    # Freeze what the worker inherited so its garbage collector never scans it: a scan writes
+    # every object's header, copying each page into the worker (fork's classic trap) and making
+    # each partition several times slower than in the parent. Freezing is a list splice, not a
+    # walk; the collector then runs again on the worker's own objects.
+    gc.freeze()
+    gc.enable()
     # One intra-op thread a worker: the workers are the parallelism, and OpenMP's thread pool does
     # not survive fork (PyTorch's DataLoader workers do the same).
     torch.set_num_threads(1)
@@ -50,17 +56,19 @@ def _preprocess_one(index: int):
 def _parallel_results(backend, programs: list, specs: list, workers: int) -> list:
     global _JOBS
     _JOBS = (backend, programs, specs)
-    # Freeze this process's objects so the workers' garbage collector never scans them: a scan
-    # writes every object's header, copying each page into the worker (fork's classic trap) and
-    # making each partition several times slower than in this process.
+    # This process's collector pauses while the workers share its pages (a scan here would copy
+    # them too). Pausing, not gc.freeze/unfreeze: unfreeze would also release what the build froze
+    # before loading (memory.freeze_library_objects), and every later collection would walk it.
     gc.collect()
-    gc.freeze()
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
             return list(pool.map(_preprocess_one, range(len(programs))))
     finally:
-        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
         _JOBS = None
 
 
