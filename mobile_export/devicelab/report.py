@@ -172,7 +172,7 @@ def build_summary(
     groups = group_results(current.records)
     thresholds = thresholds_of(current.records, overrides)
     regressions = compare(groups, group_results(baseline.records), thresholds) if baseline else []
-    plans = sorted({r.get("plan", {}).get("name", "?") for r in current.records})
+    plans = sorted({(r.get("plan") or {}).get("name", "?") for r in current.records})
     statuses = [r["status"] for r in final_records(current.records)]
     return {
         "schema": "mobile-export.bench-summary",
